@@ -1,0 +1,52 @@
+"""The `lsp-jax` command: one subcommand per module in lsp_jax/commands."""
+
+import argparse
+import importlib
+import sys
+
+# Subcommand name -> (module under lsp_jax.commands, one-line help). Each module defines
+# `add_arguments(parser)` and `run(args) -> int`; modules are imported only when used so
+# that `lsp-jax --help` stays fast and does not import JAX.
+COMMANDS = {
+    "train": ("train", "Run Language Self-Play (or GRPO) training from a config file."),
+    "generate": ("generate", "Sample completions from a model."),
+    "convert": ("convert", "Write any model source as a Hugging Face folder."),
+    "eval": ("evaluate", "Win rates of a model against a baseline, judged by a local model."),
+    "aot": ("aot", "Compile a training iteration for a TPU topology and report its memory."),
+    "plot": ("plot", "Draw the curves of a training run's metrics to PNG files."),
+}
+
+
+def build_parser(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="lsp-jax",
+        description="Language Self-Play for Llama models in JAX/Flax.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the chosen subcommand's module is imported: the others get a stub parser.
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = importlib.import_module(f"lsp_jax.commands.{module_name}")
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
