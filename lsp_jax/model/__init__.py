@@ -1,0 +1,32 @@
+"""Flax Llama models.
+
+Dimension legend used in names throughout lsp_jax (`x_BTD`, `k_BSKH`, einsum strings):
+  B batch            T query length        S key / cache length
+  D model width      N query heads         K kv heads
+  G query heads per kv head (in attention)  H head dim
+  F MLP hidden       V vocabulary          L layers
+  C classifier outputs
+In the self-play game N and G also name the queries per iteration and the answers per
+query (LSP.md); game code spells those out where both could be meant.
+"""
+
+from lsp_jax.model.config import LlamaConfig, RopeScaling
+from lsp_jax.model.llama import (
+    KVCache,
+    Llama,
+    default_positions,
+    head_weight_DV,
+    init_cache,
+    sequence_scores,
+)
+
+__all__ = [
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "RopeScaling",
+    "default_positions",
+    "head_weight_DV",
+    "init_cache",
+    "sequence_scores",
+]

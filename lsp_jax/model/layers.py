@@ -1,0 +1,143 @@
+"""Llama building blocks: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Large negative logit for masked attention slots. Finite, so a row with every slot
+# masked (a padding query) gives a uniform softmax rather than NaN.
+_MASKED = -1e30
+
+
+def _weight(module: nn.Module, name: str, shape, axes, param_dtype):
+    init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), axes)
+    return module.param(name, init, shape, param_dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+        scale_D = self.param("scale", init, (x_BTD.shape[-1],), self.param_dtype)
+        # Statistics in float32: a bf16 mean of squares loses most of its mantissa.
+        x_BTD = x_BTD.astype(jnp.float32)
+        x_BTD = x_BTD * jax.lax.rsqrt(jnp.mean(x_BTD**2, axis=-1, keepdims=True) + self.eps)
+        return (x_BTD * scale_D.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_angles(positions_BT, inv_freq_h):
+    """Rotation angles [B, T, H/2] (float32) of each position for each frequency."""
+    return positions_BT.astype(jnp.float32)[..., None] * inv_freq_h.astype(jnp.float32)
+
+
+def apply_rope(x_BTNH, angles_BTh):
+    """Rotates the two halves of the head dimension (Hugging Face's half-split layout)."""
+    # In float32: angles at positions ~1e5 lose the low bits that set the rotation.
+    sin_BT1h = jnp.sin(angles_BTh)[:, :, None, :]
+    cos_BT1h = jnp.cos(angles_BTh)[:, :, None, :]
+    x1_BTNh, x2_BTNh = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    rotated_BTNH = jnp.concatenate(
+        [x1_BTNh * cos_BT1h - x2_BTNh * sin_BT1h, x2_BTNh * cos_BT1h + x1_BTNh * sin_BT1h],
+        axis=-1,
+    )
+    return rotated_BTNH.astype(x_BTNH.dtype)
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Grouped-query attention: each of the K kv heads serves N/K query heads, with
+    no copy of K or V."""
+    batch, length, num_heads, head_dim = q_BTNH.shape
+    num_kv = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
+    # Logits and softmax in float32: bf16 logits saturate the exponent for long contexts.
+    logits_BKGTS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+    )
+    logits_BKGTS = logits_BKGTS * (head_dim**-0.5)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], logits_BKGTS, _MASKED)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(batch, length, num_heads, head_dim)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped kv heads and an optional KV cache slice."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BTD, angles_BTh, mask_BTS, kv=None, write_index=None):
+        """Args:
+          x_BTD: input activations.
+          angles_BTh: rotary angles of the T positions.
+          mask_BTS: which key slots each query may attend to (S = T without a cache).
+          kv: optional (k_BSKH, v_BSKH) cache of this layer.
+          write_index: int32 [] slot where the T new keys are written into the cache.
+
+        Returns:
+          (out_BTD, kv'), kv' being the updated cache (None without a cache).
+        """
+        dim = x_BTD.shape[-1]
+        n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+        wq_DNH = _weight(self, "q", (dim, n, h), ("embed", "heads", "head_dim"), self.param_dtype)
+        wk_DKH = _weight(
+            self, "k", (dim, k, h), ("embed", "kv_heads", "head_dim"), self.param_dtype
+        )
+        wv_DKH = _weight(
+            self, "v", (dim, k, h), ("embed", "kv_heads", "head_dim"), self.param_dtype
+        )
+        wo_NHD = _weight(self, "o", (n, h, dim), ("heads", "head_dim", "embed"), self.param_dtype)
+        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, wq_DNH.astype(self.dtype))
+        k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, wk_DKH.astype(self.dtype))
+        v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, wv_DKH.astype(self.dtype))
+        q_BTNH = apply_rope(q_BTNH, angles_BTh)
+        k_BTKH = apply_rope(k_BTKH, angles_BTh)
+        if kv is None:
+            out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+        else:
+            k_BSKH, v_BSKH = kv
+            start = (0, write_index, 0, 0)
+            k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, k_BTKH.astype(k_BSKH.dtype), start)
+            v_BSKH = jax.lax.dynamic_update_slice(v_BSKH, v_BTKH.astype(v_BSKH.dtype), start)
+            kv = (k_BSKH, v_BSKH)
+            bound = mask_BTS.shape[-1]  # Attend only to the first `bound` slots.
+            out_BTNH = attend(
+                q_BTNH,
+                k_BSKH[:, :bound].astype(self.dtype),
+                v_BSKH[:, :bound].astype(self.dtype),
+                mask_BTS,
+            )
+        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, wo_NHD.astype(self.dtype))
+        return out_BTD, kv
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    mlp_dim: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        dim = x_BTD.shape[-1]
+        f = self.mlp_dim
+        gate_DF = _weight(self, "gate", (dim, f), ("embed", "mlp"), self.param_dtype)
+        up_DF = _weight(self, "up", (dim, f), ("embed", "mlp"), self.param_dtype)
+        down_FD = _weight(self, "down", (f, dim), ("mlp", "embed"), self.param_dtype)
+        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, gate_DF.astype(self.dtype))
+        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, up_DF.astype(self.dtype))
+        hidden_BTF = jax.nn.silu(gate_BTF) * up_BTF
+        return jnp.einsum("BTF,FD->BTD", hidden_BTF, down_FD.astype(self.dtype))

@@ -1,0 +1,230 @@
+"""The Llama transformer (causal LM or sequence classifier) with an explicit KV cache."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from lsp_jax.model.config import LlamaConfig
+from lsp_jax.model.layers import MLP, Attention, RMSNorm, rope_angles
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer, preallocated for S slots.
+
+    Rows are left-aligned in slots: every row writes its t-th new token to slot
+    `end + t`, so one scalar `end` serves the batch; `mask_BS` says which slots hold
+    real (non-pad) tokens.
+    """
+
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    mask_BS: jax.Array
+    end: jax.Array
+
+    @property
+    def num_slots(self) -> int:
+        return self.mask_BS.shape[1]
+
+
+def init_cache(config: LlamaConfig, batch: int, num_slots: int, dtype=None) -> KVCache:
+    """An empty cache for `batch` rows of up to `num_slots` tokens."""
+    shape = (config.num_layers, batch, num_slots, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.dtype
+    return KVCache(
+        k_LBSKH=jnp.zeros(shape, dtype),
+        v_LBSKH=jnp.zeros(shape, dtype),
+        mask_BS=jnp.zeros((batch, num_slots), bool),
+        end=jnp.zeros((), jnp.int32),
+    )
+
+
+def default_positions(mask_BT, offset_B=None):
+    """Positions of a left-padded batch: real tokens count 0, 1, ...; pads get 0."""
+    positions_BT = jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1
+    if offset_B is not None:
+        positions_BT = positions_BT + offset_B[:, None]
+    return jnp.maximum(positions_BT, 0)
+
+
+def sequence_scores(scores_BTC, mask_BT):
+    """Classifier outputs [B, C] read at each row's last real token (as transformers'
+    LlamaForSequenceClassification does, which also handles left padding)."""
+    length = mask_BT.shape[1]
+    last_B = jnp.argmax(jnp.where(mask_BT, jnp.arange(length)[None, :], -1), axis=-1)
+    return jnp.take_along_axis(scores_BTC, last_B[:, None, None], axis=1)[:, 0]
+
+
+def head_weight_DV(config: LlamaConfig, params) -> jax.Array:
+    """The LM head matrix [D, V] (the transposed embedding when tied)."""
+    if config.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+class Weight(nn.Module):
+    """A single named parameter (embedding table, LM or score head)."""
+
+    param_name: str
+    shape: tuple
+    axes: tuple
+    param_dtype: object
+
+    @nn.compact
+    def __call__(self):
+        init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), self.axes)
+        return self.param(self.param_name, init, self.shape, self.param_dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention then SwiGLU MLP, each residual."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, kv, angles_BTh, mask_BTS, write_index):
+        cfg = self.config
+        norm = dict(eps=cfg.rms_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        attention = Attention(
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="attn",
+        )
+        attn_BTD, kv = attention(
+            RMSNorm(**norm, name="attn_norm")(x_BTD), angles_BTh, mask_BTS, kv, write_index
+        )
+        x_BTD = x_BTD + attn_BTD
+        mlp = MLP(mlp_dim=cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
+        x_BTD = x_BTD + mlp(RMSNorm(**norm, name="mlp_norm")(x_BTD))
+        return x_BTD, kv
+
+
+class Llama(nn.Module):
+    """Llama decoder. Without a cache, `apply(vars, tokens_BT)` returns float32 logits
+    [B, T, V] (or classifier scores [B, T, C] when `config.num_labels` > 0); with a
+    cache it returns (logits, cache')."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BT,
+        *,
+        positions_BT=None,
+        mask_BT=None,
+        cache: KVCache | None = None,
+        attend_bound: int | None = None,
+        return_hidden: bool = False,
+    ):
+        """Args:
+        tokens_BT: int token ids.
+        positions_BT: RoPE positions; by default counted over real tokens (mask_BT),
+          continuing from the tokens already in the cache.
+        mask_BT: True for real tokens, False for padding (default all True).
+        cache: a KVCache to append the T tokens to (prefill or decode).
+        attend_bound: static; with a cache, attend only to its first `attend_bound`
+          slots (all new tokens must land below it). Bounds decode cost by the
+          filled length instead of the cache size.
+        return_hidden: return the final normed hidden states [B, T, D] instead of
+          logits (for memory-light, chunked log-probs).
+        """
+        cfg = self.config
+        if mask_BT is None:
+            mask_BT = jnp.ones(tokens_BT.shape, bool)
+        mask_BT = mask_BT.astype(bool)
+        angles, mask_BTS, write_index, slot_mask = self._geometry(
+            mask_BT, positions_BT, cache, attend_bound
+        )
+        embedding_VD = Weight(
+            "embedding",
+            (cfg.vocab_size, cfg.dim),
+            ("vocab", "embed"),
+            cfg.param_dtype,
+            name="embed",
+        )()
+        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.dtype)
+        x_BTD, kv = self._blocks(x_BTD, cache, angles, mask_BTS, write_index)
+        x_BTD = RMSNorm(cfg.rms_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x_BTD)
+        out = x_BTD if return_hidden else self._head(x_BTD, embedding_VD)
+        if cache is None:
+            return out
+        end = cache.end + tokens_BT.shape[1]
+        return out, KVCache(k_LBSKH=kv[0], v_LBSKH=kv[1], mask_BS=slot_mask, end=end)
+
+    def _geometry(self, mask_BT, positions_BT, cache, attend_bound):
+        """RoPE angles, the attention mask, and where new keys go in the cache."""
+        length = mask_BT.shape[1]
+        if cache is None:
+            if positions_BT is None:
+                positions_BT = default_positions(mask_BT)
+            causal_TT = jnp.tril(jnp.ones((length, length), bool))
+            mask_BTS = causal_TT[None] & mask_BT[:, None, :]
+            write_index, slot_mask_BS = None, None
+        else:
+            if positions_BT is None:
+                positions_BT = default_positions(mask_BT, cache.mask_BS.sum(-1))
+            write_index = cache.end
+            slot_mask_BS = jax.lax.dynamic_update_slice(cache.mask_BS, mask_BT, (0, write_index))
+            bound = attend_bound or cache.num_slots
+            slot_S = jnp.arange(bound)
+            query_slot_T = write_index + jnp.arange(length)
+            visible_TS = slot_S[None, :] <= query_slot_T[:, None]
+            mask_BTS = visible_TS[None] & slot_mask_BS[:, None, :bound]
+        angles_BTh = rope_angles(positions_BT, jnp.asarray(self.config.rope_inv_freq()))
+        return angles_BTh, mask_BTS, write_index, slot_mask_BS
+
+    def _blocks(self, x_BTD, cache, angles_BTh, mask_BTS, write_index):
+        cfg = self.config
+        block_cls = Block
+        if cfg.remat:
+            block_cls = nn.remat(Block, prevent_cse=not cfg.scan_layers)
+        kv_all = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            return scanned(cfg, name="layers")(x_BTD, kv_all, angles_BTh, mask_BTS, write_index)
+        new_k, new_v = [], []
+        for i in range(cfg.num_layers):
+            kv = None if kv_all is None else (kv_all[0][i], kv_all[1][i])
+            x_BTD, kv = block_cls(cfg, name=f"layers_{i}")(
+                x_BTD, kv, angles_BTh, mask_BTS, write_index
+            )
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        kv_all = None if kv_all is None else (jnp.stack(new_k), jnp.stack(new_v))
+        return x_BTD, kv_all
+
+    def _head(self, x_BTD, embedding_VD):
+        cfg = self.config
+        if cfg.is_classifier:
+            kernel_DC = Weight(
+                "kernel",
+                (cfg.dim, cfg.num_labels),
+                ("embed", None),
+                cfg.param_dtype,
+                name="score",
+            )()
+            return jnp.einsum("BTD,DC->BTC", x_BTD, kernel_DC.astype(cfg.dtype)).astype(jnp.float32)
+        if cfg.tie_embeddings:
+            head_DV = embedding_VD.T
+        else:
+            head_DV = Weight(
+                "kernel",
+                (cfg.dim, cfg.vocab_size),
+                ("embed", "vocab"),
+                cfg.param_dtype,
+                name="lm_head",
+            )()
+        return jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(cfg.dtype)).astype(jnp.float32)
