@@ -1,0 +1,136 @@
+"""The game's prompts as token templates, built once on the host.
+
+Every variable part (a generated query or answer) sits between fixed token pieces;
+the step splices them in-graph (lsp_jax.game.splice). Pieces are (tokens_1L,
+lengths_1) pairs so they splice like any generated segment.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import struct
+
+from lsp_jax.errors import UserError
+from lsp_jax.game import prompts
+from lsp_jax.game.rewards import MAX_QUALITY_SCORE
+
+_MARK = "\ue000LSP_SLOT\ue001"  # Private-use characters: never in a real prompt.
+
+
+@struct.dataclass
+class GameTemplates:
+    challenger_prompt: jax.Array  # [P] the Challenger's whole prompt, ready to generate.
+    user_prefix: tuple  # Solver prompt = user_prefix + query + user_suffix.
+    user_suffix: tuple
+    judge_prefix: tuple  # Judge input = prefix + query + middle + answer + suffix.
+    judge_middle: tuple
+    judge_suffix: tuple
+    rm_prefix: tuple  # Reward-model input, same shape, in the RM's chat format.
+    rm_middle: tuple
+    rm_suffix: tuple
+    digit_ids: jax.Array  # [8] token ids of "0".."7".
+    score_tags: tuple = struct.field(pytree_node=False, default=())
+
+
+def piece(ids) -> tuple:
+    ids = np.asarray(ids, np.int32).reshape(1, -1)
+    return ids, np.asarray([ids.shape[1]], np.int32)
+
+
+def split_rendered(chat, messages, *, add_generation_prompt: bool) -> list[list[int]]:
+    """Renders a conversation whose variable contents are `_MARK`, and returns the token
+    ids of the fixed text between the marks (len(marks) + 1 pieces)."""
+    text = chat.render_text(messages, add_generation_prompt=add_generation_prompt)
+    return [chat.tokenizer.encode(part, parse_special=True) for part in text.split(_MARK)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateTexts:
+    challenger_prompt: str
+    judge_prompt: str
+    task: str = ""
+    template: str = ""
+    expected_judge: bool = True
+
+
+def build_templates(policy_chat, texts: TemplateTexts, rm_chat=None) -> GameTemplates:
+    """Token templates from the policy's chat format (and the reward model's, if any)."""
+    tokenizer = policy_chat.tokenizer
+    encode = lambda text: tokenizer.encode(text, parse_special=True)
+    challenger_text = prompts.fill(
+        texts.challenger_prompt, task=texts.task, template=texts.template
+    )
+    challenger_ids = policy_chat.render(
+        [{"role": "user", "content": challenger_text}], add_generation_prompt=True
+    )
+    user_prefix, user_suffix = split_rendered(
+        policy_chat, [{"role": "user", "content": _MARK}], add_generation_prompt=True
+    )
+    judge_before, judge_between, judge_after = _split_judge_prompt(texts.judge_prompt)
+    score_tag = encode(prompts.SCORE_TAG) if texts.expected_judge else []
+    judge_prefix = user_prefix + encode(judge_before)
+    judge_suffix = encode(judge_after) + user_suffix + score_tag
+    rm_pieces = [[], [], []]
+    if rm_chat is not None:
+        conversation = [
+            {"role": "user", "content": _MARK},
+            {"role": "assistant", "content": _MARK},
+        ]
+        rm_pieces = split_rendered(rm_chat, conversation, add_generation_prompt=False)
+    return GameTemplates(
+        challenger_prompt=np.asarray(challenger_ids, np.int32),
+        user_prefix=piece(user_prefix),
+        user_suffix=piece(user_suffix),
+        judge_prefix=piece(judge_prefix),
+        judge_middle=piece(encode(judge_between)),
+        judge_suffix=piece(judge_suffix),
+        rm_prefix=piece(rm_pieces[0]),
+        rm_middle=piece(rm_pieces[1]),
+        rm_suffix=piece(rm_pieces[2]),
+        digit_ids=np.asarray(digit_ids(tokenizer), np.int32),
+        score_tags=score_tag_variants(tokenizer),
+    )
+
+
+def _split_judge_prompt(judge_prompt: str) -> tuple[str, str, str]:
+    for slot in ("{instruction}", "{response}"):
+        if judge_prompt.count(slot) != 1:
+            raise UserError(
+                f"game.judge_prompt must contain {slot} exactly once (found "
+                f"{judge_prompt.count(slot)}); it marks where the query / answer go."
+            )
+    before, rest = judge_prompt.split("{instruction}")
+    if "{response}" not in rest:
+        raise UserError("game.judge_prompt must put {instruction} before {response}.")
+    between, after = rest.split("{response}")
+    return before, between, after
+
+
+def digit_ids(tokenizer) -> list[int]:
+    """Token id of each score digit 0..7; each must be a single token."""
+    ids = []
+    for digit in range(MAX_QUALITY_SCORE + 1):
+        encoded = tokenizer.encode(str(digit), parse_special=False)
+        if len(encoded) != 1:
+            raise UserError(
+                f"The tokenizer splits the digit {digit} into {len(encoded)} tokens; the "
+                "quality judge reads one token per score. Use reward.judge_mode=sampled "
+                "with a tokenizer that has single-digit tokens."
+            )
+        ids.append(encoded[0])
+    return ids
+
+
+def score_tag_variants(tokenizer) -> tuple[tuple[int, ...], ...]:
+    """Token spellings of `<Score>` as it may appear in generated text (at the start of
+    a line, after a space, or after other text), for reading sampled judgements."""
+    variants = set()
+    for before in ("", " ", "\n", "x"):
+        ids = tokenizer.encode(before + prompts.SCORE_TAG, parse_special=False)
+        prefix_ids = tokenizer.encode(before, parse_special=False) if before else []
+        if ids[: len(prefix_ids)] == prefix_ids:
+            ids = ids[len(prefix_ids) :]
+        if ids:
+            variants.add(tuple(ids))
+    return tuple(sorted(variants))
