@@ -210,7 +210,7 @@ def _fields_from_hf(hf: dict) -> dict:
         num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
         mlp_dim=hf["intermediate_size"],
-        rope_theta=float(hf.get("rope_theta", 10_000.0)),
+        rope_theta=_rope_theta_from_hf(hf),
         rope_scaling=scaling,
         rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -220,6 +220,12 @@ def _fields_from_hf(hf: dict) -> dict:
         eos_token_ids=eos_ids,
         pad_token_id=hf.get("pad_token_id"),
     )
+
+
+def _rope_theta_from_hf(hf: dict) -> float:
+    # transformers >= 5 writes rope_theta inside rope_parameters, older versions at top level.
+    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+    return float(theta or 10_000.0)
 
 
 def _num_labels(hf: dict) -> int:

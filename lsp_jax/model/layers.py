@@ -30,12 +30,14 @@ class RMSNorm(nn.Module):
         # Statistics in float32: a bf16 mean of squares loses most of its mantissa.
         x_BTD = x_BTD.astype(jnp.float32)
         x_BTD = x_BTD * jax.lax.rsqrt(jnp.mean(x_BTD**2, axis=-1, keepdims=True) + self.eps)
-        return (x_BTD * scale_D.astype(jnp.float32)).astype(self.dtype)
+        scale_11D = scale_D.astype(jnp.float32).reshape((1,) * (x_BTD.ndim - 1) + (-1,))
+        return (x_BTD * scale_11D).astype(self.dtype)
 
 
 def rope_angles(positions_BT, inv_freq_h):
     """Rotation angles [B, T, H/2] (float32) of each position for each frequency."""
-    return positions_BT.astype(jnp.float32)[..., None] * inv_freq_h.astype(jnp.float32)
+    inv_freq_11h = inv_freq_h.astype(jnp.float32)[None, None, :]
+    return positions_BT.astype(jnp.float32)[..., None] * inv_freq_11h
 
 
 def apply_rope(x_BTNH, angles_BTh):
