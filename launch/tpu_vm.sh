@@ -190,7 +190,9 @@ cmd_setup() {
 
 # The shell line each worker runs for `train`: its own log file, and a pid file for `stop`.
 train_command() {
-  local env_words=(PYTHONUNBUFFERED=1) extra_env=()
+  # LSP_JAX_DISTRIBUTED=1: lsp_jax calls jax.distributed.initialize() (pod hosts find each
+  # other through the TPU metadata; harmless on a single host).
+  local env_words=(PYTHONUNBUFFERED=1 LSP_JAX_DISTRIBUTED=1) extra_env=()
   if [[ -n "${LIBTPU_INIT_ARGS:-}" ]]; then env_words+=("LIBTPU_INIT_ARGS=$LIBTPU_INIT_ARGS"); fi
   if [[ -n "${TRAIN_ENV:-}" ]]; then
     read -r -a extra_env <<<"$TRAIN_ENV"

@@ -203,7 +203,9 @@ def test_train_runs_lsp_jax_with_config_workdir_and_overrides(tmp_path):
     # One log per host, named after it; the run is detached so it outlives the ssh session.
     assert "log=$HOME/lsp_jax_logs/train_$(hostname).log;" in command
     assert words[start + 1 + len(expected) :][:3] == [">>$log", "2>&1", "</dev/null"]
-    assert words[start - 4 : start - 1] == ["setsid", "nohup", "env"]
+    assert words[start - 5 : start - 2] == ["setsid", "nohup", "env"]
+    # Every host joins the multi-host runtime (jax.distributed.initialize in lsp_jax).
+    assert words[start - 2 : start] == ["PYTHONUNBUFFERED=1", "LSP_JAX_DISTRIBUTED=1"]
 
 
 def test_train_rejects_arguments_that_are_not_config_overrides(tmp_path):
