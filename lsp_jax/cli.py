@@ -37,12 +37,21 @@ def build_parser(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Only `train` takes free-form `--config.a.b=v` overrides; elsewhere extras are errors.
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if not argv else 2
+    from lsp_jax.errors import UserError
+
     try:
         return int(args.run(args) or 0)
+    except UserError as error:
+        print(f"lsp-jax {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
