@@ -1,0 +1,80 @@
+"""`lsp-jax convert --model SRC --out DIR`: any model source as a Hugging Face folder.
+
+Writes config.json, generation_config.json and safetensors weights (via save_hf), and
+the tokenizer: a Hugging Face source's tokenizer files are copied; a GGUF source's
+embedded tokenizer is written as tokenizer.json + tokenizer_config.json (with its chat
+template and special tokens), so transformers' AutoTokenizer and
+AutoModelForCausalLM load the folder.
+"""
+
+import tempfile
+from pathlib import Path
+
+from lsp_jax.errors import UserError
+from lsp_jax.weights import sources
+
+_DTYPES = ("float32", "bfloat16", "float16")
+# Tokenizer files of a Hugging Face folder, copied as they are.
+_HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Model source: Hugging Face folder, .gguf file, run checkpoint, or a named "
+        f"model ({', '.join(sources.NAMED_MODELS)}).",
+    )
+    parser.add_argument("--out", required=True, help="Folder to write (must not exist).")
+    parser.add_argument(
+        "--dtype",
+        choices=_DTYPES,
+        default=None,
+        help="Storage dtype of the written weights (default: float32, or the source's).",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
+
+
+def _storage_dtype(name):
+    import jax.numpy as jnp
+
+    return None if name is None else jnp.dtype(name)
+
+
+def convert(model, out, *, dtype=None, overwrite=False) -> Path:
+    """Writes the model source `model` as a Hugging Face folder `out`; returns its path."""
+    from lsp_jax.weights.hf import save_hf
+    from lsp_jax.weights.tokenizer import save_hf_tokenizer_files
+
+    if Path(out).expanduser().exists() and not overwrite:
+        raise UserError(f"{out} already exists; choose another --out or pass --overwrite.")
+    source = sources.resolve(model)
+    config, params = sources.load_model(source)
+    with tempfile.TemporaryDirectory() as scratch:
+        if source.kind == sources.HF:
+            files = [source.path / n for n in _HF_TOKENIZER_FILES if (source.path / n).is_file()]
+        else:
+            tokenizer = sources.load_tokenizer(source)
+            files = save_hf_tokenizer_files(
+                tokenizer, scratch, model_max_length=config.max_position_embeddings
+            )
+        return save_hf(
+            out,
+            config,
+            params,
+            dtype=_storage_dtype(dtype),
+            overwrite=overwrite,
+            extra_files=files,
+        )
+
+
+def run(args) -> int:
+    folder = convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"Wrote {folder} (Hugging Face format) from {args.model}.")
+    return 0

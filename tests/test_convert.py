@@ -1,0 +1,98 @@
+"""`lsp-jax convert`: the SmolLM2 package model as a Hugging Face folder that transformers
+loads (model, tokenizer, chat template), and Hugging Face folders re-exported."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import smollm2
+from flax.linen import meta
+from tokenizers import AddedToken, Tokenizer, models
+
+from lsp_jax import cli
+from lsp_jax.model import Llama, LlamaConfig
+from lsp_jax.weights import hf_state_from_params, save_hf
+from lsp_jax.weights.tokenizer import load_folder_tokenizer
+
+TEXTS = [
+    "Hello world, héllo 😀!",
+    "def f(x):\n    return x  # ok\n",
+    "digits 45  89 and 3.14",  # Spaces before a digit: SmolLM2's own digit split.
+    "<|im_start|>user\nHi<|im_end|>",
+]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    smollm2.require_package()
+    out = tmp_path_factory.mktemp("convert") / "smollm2-hf"
+    assert cli.main(["convert", "--model", "smollm2-135m-instruct", "--out", str(out)]) == 0
+    return out
+
+
+def test_transformers_loads_our_weights_and_logits_match(converted):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = smollm2.load()
+    reference = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32).eval()
+    theirs_state = reference.state_dict()
+    for name, tensor in hf_state_from_params(model.config, model.params).items():
+        np.testing.assert_array_equal(theirs_state[name].numpy(), np.asarray(tensor), name)
+    ids = model.prompt_ids()
+    ours = np.asarray(model.forward(jnp.asarray([ids])))
+    theirs = smollm2.reference_logits(reference, ids)
+    # Same weights, different float32 arithmetic (XLA vs torch) over 30 layers: logits
+    # of size ~30 differ by ~1.4e-4 (each side is ~1e-4 from transformers in float64).
+    assert np.abs(ours - theirs).max() < 2.5e-4
+    np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
+    assert reference.generation_config.eos_token_id == 2
+
+
+def test_transformers_tokenizer_and_chat_template_match_ours(converted):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(converted))
+    tokenizer, chat = smollm2.tokenizer(), smollm2.chat()
+    assert (reference.bos_token, reference.eos_token, reference.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
+    for text in TEXTS:
+        assert reference(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+        assert reference(text)["input_ids"] == tokenizer.encode(text, add_special=True)
+    messages = [{"role": "user", "content": "Say hi."}]
+    ids = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert list(ids["input_ids"]) == chat.render(messages)
+    # And our loader reads the folder back the same way.
+    assert load_folder_tokenizer(converted).encode(TEXTS[2]) == tokenizer.encode(TEXTS[2])
+    generation = json.loads((converted / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+
+
+def test_hf_folder_reexported_with_its_tokenizer(tmp_path, capsys):
+    config = LlamaConfig.tiny()
+    init = lambda: Llama(config).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
+    shapes = meta.unbox(jax.eval_shape(init)["params"])  # Shapes only: nothing compiles.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32), shapes)
+    backend = Tokenizer(models.BPE())
+    backend.add_special_tokens([AddedToken("<s>", special=True)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    save_hf(tmp_path / "src", config, params, extra_files=[tmp_path / "tokenizer.json"])
+    args = ["convert", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "out")]
+    assert cli.main([*args, "--dtype", "bfloat16"]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == (
+        tmp_path / "src" / "tokenizer.json"
+    ).read_text()
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "out" / "model.safetensors", "np") as f:
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert f.get_slice(name).get_dtype() == "BF16"
+    assert cli.main(args) == 2
+    assert "out already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert cli.main([*args, "--overwrite"]) == 0
