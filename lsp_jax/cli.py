@@ -34,6 +34,23 @@ def build_parser(argv=None):
     return parser
 
 
+def enable_compilation_cache() -> None:
+    """Persist compiled XLA programs across runs (a resumed or repeated run skips most
+    compilation). LSP_JAX_COMPILATION_CACHE=DIR moves it; =0 turns it off."""
+    import os
+
+    location = os.environ.get("LSP_JAX_COMPILATION_CACHE", "")
+    if location == "0":
+        return
+    import jax
+
+    if location == "" and jax.config.jax_compilation_cache_dir:
+        return  # Already set (by JAX_COMPILATION_CACHE_DIR or the caller).
+    default = os.path.join(os.path.expanduser("~"), ".cache", "lsp_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", location or default)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -47,6 +64,8 @@ def main(argv=None):
         return 0 if not argv else 2
     from lsp_jax.errors import UserError
 
+    if args.command in ("train", "generate", "eval"):
+        enable_compilation_cache()
     try:
         return int(args.run(args) or 0)
     except UserError as error:

@@ -13,7 +13,7 @@ from lsp_jax.errors import UserError
 from lsp_jax.model import Llama, LlamaConfig
 from lsp_jax.weights import save_hf, sources
 
-ORBAX_MESSAGE = "orbax run checkpoints are not supported yet"
+ORBAX_MESSAGE = "not an lsp_jax run"
 
 
 def test_named_model_resolves_to_the_package_file():
@@ -100,7 +100,8 @@ def test_files_and_folders_are_classified(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["workdir", "manager", "step"])
-def test_orbax_checkpoints_are_recognized_but_not_loadable(tmp_path, layout):
+def test_foreign_orbax_checkpoints_are_recognized_and_refused(tmp_path, layout):
+    # Orbax folders that are not lsp_jax runs (no run.json) are named as such.
     if layout == "workdir":
         (tmp_path / "checkpoints" / "100").mkdir(parents=True)
     elif layout == "manager":

@@ -49,21 +49,19 @@ def _storage_dtype(name):
 
 def convert(model, out, *, dtype=None, overwrite=False) -> Path:
     """Writes the model source `model` as a Hugging Face folder `out`; returns its path."""
-    from lsp_jax.weights.hf import save_hf
-    from lsp_jax.weights.tokenizer import save_hf_tokenizer_files
-
     if Path(out).expanduser().exists() and not overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite.")
-    source = sources.resolve(model)
-    config, params = sources.load_model(source)
+    config, params = sources.load_model(model)
+    return export_folder(model, out, config, params, dtype=dtype, overwrite=overwrite)
+
+
+def export_folder(source, out, config, params, *, dtype=None, overwrite=True) -> Path:
+    """Writes `params` as a Hugging Face folder with the tokenizer files of `source`
+    (the model they were trained from); used by `convert` and by the trainer."""
+    from lsp_jax.weights.hf import save_hf
+
     with tempfile.TemporaryDirectory() as scratch:
-        if source.kind == sources.HF:
-            files = [source.path / n for n in _HF_TOKENIZER_FILES if (source.path / n).is_file()]
-        else:
-            tokenizer = sources.load_tokenizer(source)
-            files = save_hf_tokenizer_files(
-                tokenizer, scratch, model_max_length=config.max_position_embeddings
-            )
+        files = _tokenizer_files(sources.resolve(source), scratch, config)
         return save_hf(
             out,
             config,
@@ -72,6 +70,21 @@ def convert(model, out, *, dtype=None, overwrite=False) -> Path:
             overwrite=overwrite,
             extra_files=files,
         )
+
+
+def _tokenizer_files(source, scratch, config) -> list:
+    from lsp_jax.weights.tokenizer import save_hf_tokenizer_files
+
+    if source.kind == sources.HF:
+        return [source.path / n for n in _HF_TOKENIZER_FILES if (source.path / n).is_file()]
+    if source.kind == sources.ORBAX:
+        from lsp_jax.weights.runs import run_model_source
+
+        return _tokenizer_files(sources.resolve(run_model_source(source.path)), scratch, config)
+    tokenizer = sources.load_tokenizer(source)
+    return save_hf_tokenizer_files(
+        tokenizer, scratch, model_max_length=config.max_position_embeddings
+    )
 
 
 def run(args) -> int:

@@ -42,7 +42,7 @@ def split_rendered(chat, messages, *, add_generation_prompt: bool) -> list[list[
     """Renders a conversation whose variable contents are `_MARK`, and returns the token
     ids of the fixed text between the marks (len(marks) + 1 pieces)."""
     text = chat.render_text(messages, add_generation_prompt=add_generation_prompt)
-    return [chat.tokenizer.encode(part, parse_special=True) for part in text.split(_MARK)]
+    return [chat.tokenizer.encode(part) for part in text.split(_MARK)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ class TemplateTexts:
 def build_templates(policy_chat, texts: TemplateTexts, rm_chat=None) -> GameTemplates:
     """Token templates from the policy's chat format (and the reward model's, if any)."""
     tokenizer = policy_chat.tokenizer
-    encode = lambda text: tokenizer.encode(text, parse_special=True)
+    encode = lambda text: tokenizer.encode(text)
     challenger_text = prompts.fill(
         texts.challenger_prompt, task=texts.task, template=texts.template
     )
@@ -111,7 +111,7 @@ def digit_ids(tokenizer) -> list[int]:
     """Token id of each score digit 0..7; each must be a single token."""
     ids = []
     for digit in range(MAX_QUALITY_SCORE + 1):
-        encoded = tokenizer.encode(str(digit), parse_special=False)
+        encoded = tokenizer.encode(str(digit))
         if len(encoded) != 1:
             raise UserError(
                 f"The tokenizer splits the digit {digit} into {len(encoded)} tokens; the "
@@ -127,8 +127,8 @@ def score_tag_variants(tokenizer) -> tuple[tuple[int, ...], ...]:
     a line, after a space, or after other text), for reading sampled judgements."""
     variants = set()
     for before in ("", " ", "\n", "x"):
-        ids = tokenizer.encode(before + prompts.SCORE_TAG, parse_special=False)
-        prefix_ids = tokenizer.encode(before, parse_special=False) if before else []
+        ids = tokenizer.encode(before + prompts.SCORE_TAG)
+        prefix_ids = tokenizer.encode(before) if before else []
         if ids[: len(prefix_ids)] == prefix_ids:
             ids = ids[len(prefix_ids) :]
         if ids:

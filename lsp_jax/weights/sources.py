@@ -131,12 +131,6 @@ def resolve(source) -> ModelSource:
     raise UserError(f"{spec} is a folder without config.json.{hint} Expected {_accepted()}.")
 
 
-def _orbax_not_supported(source: ModelSource):
-    # HOOK(training issue): restore params (and the run's model source for the tokenizer)
-    # from an orbax run checkpoint here.
-    raise UserError("orbax run checkpoints are not supported yet")
-
-
 def load_model(source, *, dtype=None, param_dtype=None, scan_layers=False):
     """(LlamaConfig, params) of any model source.
 
@@ -156,7 +150,9 @@ def load_model(source, *, dtype=None, param_dtype=None, scan_layers=False):
         from lsp_jax.weights.gguf import load_gguf
 
         return load_gguf(source.path, **options)
-    return _orbax_not_supported(source)
+    from lsp_jax.weights.runs import load_run
+
+    return load_run(source.path, **options)
 
 
 def load_tokenizer(source):
@@ -168,7 +164,9 @@ def load_tokenizer(source):
         return tokenizer.load_folder_tokenizer(source.path)
     if source.kind == GGUF:
         return tokenizer.load_gguf_tokenizer(source.path)
-    return _orbax_not_supported(source)
+    from lsp_jax.weights.runs import run_model_source
+
+    return load_tokenizer(run_model_source(source.path))
 
 
 def load_chat_template(source, *, tokenizer=None, **options):

@@ -1,0 +1,41 @@
+"""`lsp-jax train`: Language Self-Play (or GRPO) from a config file."""
+
+EPILOG = """\
+Override any config key with --config.SECTION.KEY=VALUE, for example
+  lsp-jax train --config configs/smollm2_cpu.py --workdir runs/cpu --config.train.num_steps=20
+A WORKDIR that already holds a checkpoint resumes from it. Outputs in WORKDIR:
+metrics.jsonl, samples.jsonl, tensorboard/, checkpoints/, export/step_N (Hugging Face).
+"""
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE[:ARG]",
+        help="ml_collections config file, e.g. configs/smollm2_cpu.py (ARG goes to get_config).",
+    )
+    parser.add_argument(
+        "--workdir", required=True, help="Run folder (created; resumed if it has a checkpoint)."
+    )
+    parser.epilog = EPILOG
+    parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    parser.set_defaults(accepts_overrides=True)
+
+
+def run(args) -> int:
+    from lsp_jax.train import config as config_lib
+
+    overrides = []
+    for item in args.overrides:
+        if not item.startswith("--config."):
+            raise SystemExit(
+                f"lsp-jax train: unrecognized argument {item!r}; overrides are "
+                "written --config.SECTION.KEY=VALUE."
+            )
+        overrides.append(item[len("--config.") :])
+    config = config_lib.load_config(args.config)
+    config_lib.apply_overrides(config, overrides)
+    from lsp_jax.train.loop import train
+
+    return train(config, args.workdir)

@@ -1,0 +1,162 @@
+"""Experiment configs: ml_collections files, `--config.a.b=v` overrides, defaults."""
+
+import ast
+import difflib
+import importlib.util
+import os
+
+import ml_collections
+
+from lsp_jax.errors import UserError
+from lsp_jax.game import prompts
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key a config may set, with the project's defaults. Config files start from
+    this, so an unknown key (a typo) is rejected instead of silently ignored."""
+    c = ml_collections.ConfigDict()
+    c.model = dict(
+        source="smollm2-135m-instruct",  # HF folder, .gguf, run workdir, or a named model.
+        reference="",  # Frozen reference/judge model; "" = the starting point (model.source).
+        dtype="float32",
+        param_dtype="float32",
+        remat=False,
+        scan_layers=False,
+    )
+    c.reward = dict(
+        kind="model",  # model | self_judge | none: what R(q, a) is (see configs/README).
+        model="",  # A LlamaForSequenceClassification checkpoint, for kind=model.
+        judge_mode="expected",  # expected | sampled: how the reference judge scores.
+        judge_max_tokens=160,  # Judgement length in sampled mode.
+        judge_fallback=0.0,  # R_Q when a sampled judgement has no readable score.
+    )
+    c.game = dict(
+        mode="lsp",  # lsp | lsp_zero | grpo
+        num_queries=8,  # N: Challenger queries per iteration.
+        answers_per_query=4,  # G: Solver answers per query.
+        task="",
+        template="",
+        challenger_prompt=prompts.CHALLENGER_PROMPT,
+        judge_prompt=prompts.JUDGE_PROMPT,
+        max_query_tokens=256,
+        max_answer_tokens=512,
+        alpha_challenger=1.0,
+        normalize_std=False,
+    )
+    # decode_buckets: the decode loop attends to a growing prefix of the cache in this
+    # many stages (cheaper attention, one more compiled loop body per stage).
+    c.sampling = dict(temperature=1.0, top_p=1.0, top_k=0, decode_buckets=4)
+    c.loss = dict(beta=0.05, kl_estimator="k3", aggregation="sequence_sum", logprob_chunk=0)
+    c.optim = dict(
+        lr=3e-6,
+        schedule="constant",  # constant | cosine | linear
+        warmup=0,
+        clip=1.0,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        grad_accum=1,
+    )
+    c.train = dict(
+        num_steps=100,
+        seed=0,
+        log_every=1,
+        checkpoint_every=50,
+        keep_checkpoints=3,
+        export_every=0,  # 0: export only at the end.
+        steps_per_jit=1,
+        samples_to_log=2,
+    )
+    c.mesh = dict(
+        shape=(1, -1, 1),  # ('data', 'fsdp', 'tensor'); -1 takes the remaining devices.
+        dcn_shape=(1, 1, 1),
+        rules=(
+            ("batch", ("data", "fsdp")),
+            ("vocab", "tensor"),
+            ("embed", "fsdp"),
+            ("heads", "tensor"),
+            ("kv_heads", "tensor"),
+            ("mlp", "tensor"),
+            ("head_dim", None),
+            ("layers", None),
+        ),
+    )
+    c.data = dict(prompts="shipped", tfds_data_dir="", shuffle_seed=0)
+    c.eval = dict(every=0, prompts="shipped", num_prompts=16, max_new_tokens=128)
+    return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path.py` or `path.py:arg` by calling its `get_config(arg)`."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"Config file not found: {path}. Pass --config configs/NAME.py.")
+    module_spec = importlib.util.spec_from_file_location("lsp_jax_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"{path} defines no get_config(arg=None) function.")
+    config = module.get_config(arg or None)
+    _check_keys(config, default_config(), prefix="")
+    config.lock()
+    return config
+
+
+def _check_keys(config, reference, prefix):
+    for key in config.keys():
+        if key not in reference:
+            raise UserError(_unknown_key_message(prefix + key, key, reference.keys()))
+        if isinstance(config[key], ml_collections.ConfigDict):
+            _check_keys(config[key], reference[key], prefix + key + ".")
+
+
+def _unknown_key_message(full_key, key, known):
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"Unknown config key '{full_key}'.{hint} Known keys here: {', '.join(sorted(known))}."
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Applies `a.b=value` strings; the value is parsed to the type the key holds."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"Override '--config.{item}' has no '='; write --config.{key}=VALUE.")
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                known = node.keys() if isinstance(node, ml_collections.ConfigDict) else []
+                raise UserError(_unknown_key_message(".".join(parts[: i + 1]), part, known))
+            if i < len(parts) - 1:
+                node = node[part]
+        with node.unlocked():
+            node[parts[-1]] = _parse_value(text, node[parts[-1]], key)
+
+
+def _parse_value(text, current, key):
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise UserError(f"--config.{key} takes true or false, not {text!r}.")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise UserError(
+            f"--config.{key} expects a {type(current).__name__}, got {text!r}."
+        ) from None
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if current is not None and not isinstance(value, type(current)):
+        if isinstance(current, tuple) and isinstance(value, list):
+            return tuple(value)
+        raise UserError(
+            f"--config.{key} expects a {type(current).__name__}, got {text!r} "
+            f"({type(value).__name__})."
+        )
+    return value

@@ -1,0 +1,336 @@
+"""The host loop: build the run, resume, call the compiled step, log, save, export."""
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from lsp_jax import checkpoint, sampling
+from lsp_jax import metrics as metrics_lib
+from lsp_jax.errors import UserError
+from lsp_jax.game.advantages import check_group_size, check_mode
+from lsp_jax.game.templates import TemplateTexts, build_templates
+from lsp_jax.rl import check_loss_options
+from lsp_jax.train.optim import make_optimizer
+from lsp_jax.train.step import Frozen, StepConfig, init_state, lsp_step
+from lsp_jax.weights import sources
+
+REWARD_KINDS = ("model", "self_judge", "none")
+JUDGE_MODES = ("expected", "sampled")
+SUMMARY_KEYS = (
+    "reward/solver",
+    "quality/solver",
+    "reward/challenger",
+    "kl/solver",
+    "length/query",
+    "length/answer",
+    "time/step_s",
+)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop needs, built once from the config."""
+
+    step_cfg: StepConfig
+    optimizer: object
+    frozen: Frozen
+    params: object
+    tokenizer: object
+    source: str
+
+
+def check_config(config) -> None:
+    """Fails before any loading or compiling on options that cannot work together."""
+    check_mode(config.game.mode)
+    check_group_size(config.game.answers_per_query, config.game.mode)
+    check_loss_options(config.loss.kl_estimator, config.loss.aggregation)
+    if config.reward.kind not in REWARD_KINDS:
+        raise UserError(f"reward.kind={config.reward.kind!r}; choose one of {REWARD_KINDS}.")
+    if config.reward.judge_mode not in JUDGE_MODES:
+        raise UserError(f"reward.judge_mode={config.reward.judge_mode!r}; choose {JUDGE_MODES}.")
+    if config.reward.kind == "model" and not config.reward.model:
+        raise UserError(
+            "reward.kind=model needs a reward model: pass --config.reward.model=PATH to a "
+            "LlamaForSequenceClassification folder (e.g. Skywork-Reward-V2-Llama-3.2-3B), "
+            "or use --config.reward.kind=self_judge to score with the reference judge."
+        )
+    if config.game.num_queries < 1:
+        raise UserError(f"game.num_queries={config.game.num_queries} must be at least 1.")
+
+
+def _dtype(name: str):
+    try:
+        return jnp.dtype(name)
+    except TypeError:
+        raise UserError(f"Unknown dtype {name!r}; use float32 or bfloat16.") from None
+
+
+def build_run(config) -> Run:
+    check_config(config)
+    m = config.model
+    dtypes = dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
+    policy_cfg, params = sources.load_model(m.source, **dtypes, scan_layers=m.scan_layers)
+    policy_cfg = policy_cfg.replace(remat=m.remat)
+    chat = sources.load_chat_template(m.source)
+    tokenizer = chat.tokenizer
+    ref_cfg, ref_params = policy_cfg, params
+    if m.reference:
+        ref_cfg, ref_params = sources.load_model(m.reference, **dtypes, scan_layers=m.scan_layers)
+    rm_cfg, rm_params, rm_chat = None, None, None
+    if config.reward.kind == "model":
+        rm_cfg, rm_params = sources.load_model(
+            config.reward.model, **dtypes, scan_layers=m.scan_layers
+        )
+        if not rm_cfg.is_classifier:
+            raise UserError(f"reward.model={config.reward.model} is not a sequence classifier.")
+        rm_chat = sources.load_chat_template(config.reward.model)
+        check_same_tokenizer(tokenizer, rm_chat.tokenizer, config.reward.model)
+    g = config.game
+    texts = TemplateTexts(
+        challenger_prompt=g.challenger_prompt,
+        judge_prompt=g.judge_prompt,
+        task=g.task,
+        template=g.template,
+        expected_judge=config.reward.judge_mode == "expected",
+    )
+    templates = build_templates(chat, texts, rm_chat)
+    pad_id = tokenizer.pad_id
+    stop = tuple(tokenizer.stop_ids)
+    s = config.sampling
+    sampler = functools.partial(
+        sampling.SamplerConfig,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        stop_tokens=stop,
+        pad_token=pad_id,
+    )
+    step_cfg = StepConfig(
+        policy=policy_cfg,
+        reference=ref_cfg.replace(remat=False),
+        reward_model=rm_cfg,
+        mode=g.mode,
+        reward_kind=config.reward.kind,
+        judge_mode=config.reward.judge_mode,
+        num_queries=g.num_queries,
+        answers_per_query=g.answers_per_query,
+        challenger=sampler(max_new_tokens=g.max_query_tokens),
+        solver=sampler(max_new_tokens=g.max_answer_tokens),
+        judge=sampler(max_new_tokens=config.reward.judge_max_tokens),
+        judge_fallback=config.reward.judge_fallback,
+        alpha_challenger=g.alpha_challenger,
+        normalize_std=g.normalize_std,
+        beta=config.loss.beta,
+        kl_estimator=config.loss.kl_estimator,
+        aggregation=config.loss.aggregation,
+        logprob_chunk=config.loss.logprob_chunk,
+        pad_id=pad_id,
+    )
+    prompts = grpo_prompts(config, chat, g.max_query_tokens) if g.mode == "grpo" else None
+    frozen = Frozen(
+        ref_params=ref_params, rm_params=rm_params, templates=templates, prompts=prompts
+    )
+    frozen = jax.tree.map(jnp.asarray, frozen)
+    optimizer = make_optimizer(config.optim, config.train.num_steps)
+    return Run(step_cfg, optimizer, frozen, params, tokenizer, m.source)
+
+
+def check_same_tokenizer(policy_tok, rm_tok, rm_source) -> None:
+    """In-graph scoring feeds the policy's token ids to the reward model unchanged."""
+    probe = "Language self-play: 123 tokens, ünïcode & <code>!"
+    if policy_tok.vocab_size != rm_tok.vocab_size or policy_tok.encode(probe) != rm_tok.encode(
+        probe
+    ):
+        raise UserError(
+            f"The reward model {rm_source} uses another tokenizer than the policy "
+            f"(vocabulary {rm_tok.vocab_size} vs {policy_tok.vocab_size}). In-graph scoring "
+            "needs a shared vocabulary: pick a reward model built on the policy's base "
+            "(for Llama-3.2 policies, e.g. Skywork-Reward-V2-Llama-3.2-3B)."
+        )
+
+
+def grpo_prompts(config, chat, max_tokens):
+    """The prompt set as right-padded token rows [P, Q] and lengths [P]."""
+    from lsp_jax import data
+
+    prompts = data.load_prompts(config.data.prompts, data_dir=config.data.tfds_data_dir or None)
+    rng = np.random.default_rng(config.data.shuffle_seed)
+    order = rng.permutation(len(prompts))
+    tokens = np.full((len(prompts), max_tokens), chat.tokenizer.pad_id, np.int32)
+    lengths = np.zeros(len(prompts), np.int32)
+    for row, index in enumerate(order):
+        ids = chat.tokenizer.encode(prompts[index].text)[:max_tokens]
+        tokens[row, : len(ids)] = ids
+        lengths[row] = len(ids)
+    return tokens, lengths
+
+
+def run_iterations(state, frozen, *, cfg, optimizer, num_iterations):
+    """`num_iterations` self-play iterations in one program (lax.scan over lsp_step);
+    metrics stacked [num_iterations], the rollout of the last iteration."""
+
+    def body(state, _):
+        state, metrics, rollout = lsp_step(state, frozen, cfg=cfg, optimizer=optimizer)
+        return state, (metrics, rollout)
+
+    state, (metrics, rollouts) = jax.lax.scan(body, state, None, length=num_iterations)
+    return state, metrics, jax.tree.map(lambda x: x[-1], rollouts)
+
+
+def compile_step(run: Run, state, num_iterations: int):
+    fn = functools.partial(
+        run_iterations, cfg=run.step_cfg, optimizer=run.optimizer, num_iterations=num_iterations
+    )
+    start = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=0).lower(state, run.frozen).compile()
+    return compiled, time.perf_counter() - start
+
+
+class _StopFlag:
+    """Set by SIGTERM (preemption): the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.set = False
+
+    def __call__(self, signum, frame):
+        self.set = True
+
+
+def train(config, workdir: str, *, log=print) -> int:
+    """Trains until config.train.num_steps iterations; resumes from WORKDIR if it holds
+    a checkpoint. Returns a process exit code (143 when stopped by SIGTERM)."""
+    os.makedirs(workdir, exist_ok=True)
+    # Installed first, so that a preemption while loading or compiling also ends cleanly.
+    stop = _StopFlag()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return _train(config, workdir, stop, log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(config, workdir, stop, log):
+    t = config.train
+    run = build_run(config)
+    policy = run.step_cfg.policy
+    checkpoint.write_run_info(
+        workdir,
+        {
+            "model_source": run.source,
+            "model_config": policy.to_hf_config(),
+            "scan_layers": policy.scan_layers,
+            "config": json.loads(config.to_json_best_effort()),
+        },
+    )
+    manager = checkpoint.checkpoint_manager(workdir, keep=t.keep_checkpoints)
+    state = init_state(run.params, run.optimizer, t.seed)
+    if manager.latest_step() is not None:
+        state = checkpoint.restore(manager, state)
+        log(f"Resumed from {workdir} at iteration {int(state.step)}.")
+    writer = metrics_lib.MetricsWriter(workdir)
+    try:
+        return _loop(config, workdir, run, state, manager, writer, stop, log)
+    finally:
+        writer.close()
+
+
+def _loop(config, workdir, run, state, manager, writer, stop, log):
+    t = config.train
+    step = int(state.step)
+    compiled = {}
+    progress = tqdm(
+        total=t.num_steps,
+        initial=step,
+        desc="self-play",
+        unit="it",
+        disable=None,
+        dynamic_ncols=True,
+    )
+    while step < t.num_steps and not stop.set:
+        k = min(t.steps_per_jit, t.num_steps - step)
+        if k not in compiled:
+            compiled[k], seconds = _timed_compile(run, state, k, log)
+        start = time.perf_counter()
+        state, metrics, rollout = compiled[k](state, run.frozen)
+        metrics, rollout = jax.device_get((metrics, rollout))
+        elapsed = time.perf_counter() - start
+        for i in range(k):
+            step += 1
+            row = {key: value[i] for key, value in metrics.items()}
+            row["time/step_s"] = elapsed / k
+            row["throughput/tokens_per_s"] = row["tokens/generated"] / (elapsed / k)
+            if step % t.log_every == 0 or step == t.num_steps:
+                writer.write_metrics(step, row)
+                progress.write(metrics_lib.summary_line(step, row, SUMMARY_KEYS))
+        samples = decode_samples(run.tokenizer, rollout, t.samples_to_log)
+        writer.write_samples(step, samples)
+        if samples and step % t.log_every == 0:
+            progress.write(_sample_text(samples[0]))
+        progress.update(k)
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            checkpoint.save(manager, step, state)
+        if t.export_every and step % t.export_every == 0:
+            export(workdir, run, state.params, step, log)
+    progress.close()
+    if manager.latest_step() != step:
+        checkpoint.save(manager, step, state)
+    if stop.set:
+        log(f"Stopped by SIGTERM at iteration {step}; checkpoint saved. Rerun to resume.")
+        return 143
+    path = export(workdir, run, state.params, step, log)
+    log(f"Done: {step} iterations. Hugging Face export: {path}")
+    return 0
+
+
+def _timed_compile(run, state, k, log):
+    log(f"Compiling the self-play iteration ({k} per call)...")
+    compiled, seconds = compile_step(run, state, k)
+    log(f"Compiled in {seconds:.1f} s.")
+    return compiled, seconds
+
+
+def export(workdir, run: Run, params, step: int, log) -> str:
+    from lsp_jax.commands.convert import export_folder
+
+    path = os.path.join(workdir, "export", f"step_{step:06d}")
+    export_folder(run.source, path, run.step_cfg.policy, params)
+    log(f"Exported Hugging Face folder: {path}")
+    return path
+
+
+def decode_samples(tokenizer, rollout, count: int) -> list[dict]:
+    """Queries, their answers, rewards and judge scores as text records."""
+    rollout = {k: (None if v is None else np.asarray(v)) for k, v in rollout.items()}
+    num_queries, group = rollout["reward"].shape
+    records = []
+    for i in range(min(count, num_queries)):
+        query = tokenizer.decode(rollout["query_tokens"][i, : rollout["query_lengths"][i]])
+        answers = []
+        for j in range(group):
+            row = i * group + j
+            ids = rollout["answer_tokens"][row, : rollout["answer_lengths"][row]]
+            answers.append(
+                {
+                    "answer": tokenizer.decode(ids),
+                    "reward": float(rollout["reward"][i, j]),
+                    "quality": None
+                    if rollout["quality"] is None
+                    else float(rollout["quality"][i, j]),
+                }
+            )
+        records.append({"query": query, "answers": answers})
+    return records
+
+
+def _sample_text(sample: dict, width: int = 300) -> str:
+    first = sample["answers"][0]
+    clip = lambda s: s if len(s) <= width else s[:width] + "…"
+    return f"  query:  {clip(sample['query'])!r}\n  answer: {clip(first['answer'])!r}"

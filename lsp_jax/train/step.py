@@ -1,0 +1,357 @@
+"""One self-play iteration as one XLA program: rollouts, rewards, loss, optax update.
+
+Reads like the algorithm box of LSP.md:
+    queries  ~ π_θ(· | challenger prompt)          (N rows, or a data batch for GRPO)
+    answers  ~ π_θ(· | query)                      (G rows per query)
+    R, R_Q   = reward model, reference judge        (in-graph, from logits)
+    A_Sol, A_Ch = group baselines
+    θ ← optax(∇(L_Sol + α_Ch L_Ch))
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from lsp_jax import rl, sampling
+from lsp_jax.game import rewards
+from lsp_jax.game.advantages import advantages, group_stats
+from lsp_jax.game.splice import content_lengths, splice_segments
+from lsp_jax.model import Llama, LlamaConfig, head_weight_DV
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a resumed run needs: iteration count, weights, optimizer, randomness."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+@struct.dataclass
+class Frozen:
+    """Inputs of the step that never change: reference and reward-model weights, the
+    token templates and (GRPO) the prompt set. Never differentiated, never updated."""
+
+    ref_params: Any
+    rm_params: Any
+    templates: Any  # lsp_jax.game.templates.GameTemplates (arrays)
+    prompts: Any  # (tokens_PQ, lengths_P) for GRPO, else None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static options of the step (hashable: the step compiles once per value)."""
+
+    policy: LlamaConfig
+    reference: LlamaConfig
+    reward_model: LlamaConfig | None
+    mode: str  # lsp | lsp_zero | grpo
+    reward_kind: str  # model | self_judge | none
+    judge_mode: str  # expected | sampled
+    num_queries: int
+    answers_per_query: int
+    challenger: sampling.SamplerConfig
+    solver: sampling.SamplerConfig
+    judge: sampling.SamplerConfig | None
+    judge_fallback: float
+    alpha_challenger: float
+    normalize_std: bool
+    beta: float
+    kl_estimator: str
+    aggregation: str
+    logprob_chunk: int
+    pad_id: int
+
+    @property
+    def uses_judge(self) -> bool:
+        return self.mode == "lsp" or self.reward_kind == "self_judge"
+
+
+def init_state(params, optimizer, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def lsp_step(state: TrainState, frozen: Frozen, *, cfg: StepConfig, optimizer):
+    """One self-play iteration. Returns (state', metrics dict, rollout dict)."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    k_challenger, k_solver, k_judge = jax.random.split(rng, 3)
+    t = frozen.templates
+    params = state.params
+
+    queries = challenger_rollout(cfg, params, frozen, k_challenger, state.step)
+    prompt_NP, prompt_mask_NP = splice_segments(
+        [t.user_prefix, (queries["tokens"], queries["content_lengths"]), t.user_suffix],
+        pad_id=cfg.pad_id,
+    )
+    answers = sampling.sample(
+        cfg.policy,
+        params,
+        prompt_NP,
+        prompt_mask_NP,
+        k_solver,
+        cfg.solver,
+        group_size=cfg.answers_per_query,
+    )
+    reward_NG, quality_NG, judge_metrics = score_answers(cfg, frozen, queries, answers, k_judge)
+
+    # Role batches: (prompt, prompt mask, completion, completion mask, sampler log-probs).
+    G = cfg.answers_per_query
+    solver_rows = (
+        jnp.repeat(prompt_NP, G, axis=0),
+        jnp.repeat(prompt_mask_NP, G, axis=0),
+        answers.tokens_BT,
+        answers.mask_BT,
+    )
+    challenger_rows = queries.get("rows")
+    ref_sol_BA = completion_logprobs(cfg.reference, frozen.ref_params, *solver_rows, cfg)
+    ref_ch_NQ = (
+        None
+        if challenger_rows is None
+        else completion_logprobs(cfg.reference, frozen.ref_params, *challenger_rows, cfg)
+    )
+    if cfg.kl_estimator == "in_reward":
+        seq_logratio_NG = rl.sequence_logratio(
+            answers.logprobs_BT, ref_sol_BA, answers.mask_BT
+        ).reshape(reward_NG.shape)
+        reward_NG = rl.kl_in_reward(reward_NG, seq_logratio_NG, cfg.beta)
+    solver_adv_NG, challenger_adv_N = advantages(
+        reward_NG,
+        quality_NG if cfg.mode != "lsp_zero" else None,
+        mode=cfg.mode,
+        normalize_std=cfg.normalize_std,
+    )
+
+    def loss_fn(params):
+        logp_sol_BA = completion_logprobs(cfg.policy, params, *solver_rows, cfg)
+        loss_sol, m_sol = rl.policy_loss(
+            logp_sol_BA,
+            ref_sol_BA,
+            solver_adv_NG.reshape(-1),
+            answers.mask_BT,
+            beta=cfg.beta,
+            kl_estimator=cfg.kl_estimator,
+            aggregation=cfg.aggregation,
+        )
+        aux = {"solver": m_sol, "logp_solver": logp_sol_BA}
+        if challenger_rows is None:
+            return loss_sol, aux
+        logp_ch_NQ = completion_logprobs(cfg.policy, params, *challenger_rows, cfg)
+        loss_ch, m_ch = rl.policy_loss(
+            logp_ch_NQ,
+            ref_ch_NQ,
+            challenger_adv_N,
+            challenger_rows[3],
+            beta=cfg.beta,
+            kl_estimator=cfg.kl_estimator,
+            aggregation=cfg.aggregation,
+        )
+        aux.update(challenger=m_ch, logp_challenger=logp_ch_NQ)
+        return rl.lsp_loss(loss_sol, loss_ch, alpha_challenger=cfg.alpha_challenger), aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
+
+    metrics = step_metrics(
+        cfg,
+        loss,
+        aux,
+        grads,
+        updates,
+        params,
+        queries,
+        answers,
+        reward_NG,
+        quality_NG,
+        solver_adv_NG,
+        challenger_adv_N,
+    )
+    metrics.update(judge_metrics)
+    rollout = {
+        "query_tokens": queries["tokens"],
+        "query_lengths": queries["content_lengths"],
+        "answer_tokens": answers.tokens_BT,
+        "answer_lengths": content_lengths(answers.lengths_B, ~answers.truncated_B),
+        "reward": reward_NG,
+        "quality": quality_NG,
+    }
+    return new_state, metrics, rollout
+
+
+def challenger_rollout(cfg: StepConfig, params, frozen: Frozen, rng, step):
+    """The N queries: sampled by the Challenger, or (GRPO) taken from the prompt set."""
+    if cfg.mode == "grpo":
+        tokens_PQ, lengths_P = frozen.prompts
+        num_prompts = tokens_PQ.shape[0]
+        index_N = (step * cfg.num_queries + jnp.arange(cfg.num_queries)) % num_prompts
+        return {"tokens": tokens_PQ[index_N], "content_lengths": lengths_P[index_N]}
+    prompt_1P = frozen.templates.challenger_prompt[None]
+    prompt_mask_1P = jnp.ones(prompt_1P.shape, bool)
+    out = sampling.sample(
+        cfg.policy,
+        params,
+        prompt_1P,
+        prompt_mask_1P,
+        rng,
+        cfg.challenger,
+        group_size=cfg.num_queries,
+    )
+    N = cfg.num_queries
+    return {
+        "tokens": out.tokens_BT,
+        "content_lengths": content_lengths(out.lengths_B, ~out.truncated_B),
+        "truncated": out.truncated_B,
+        "logprobs": out.logprobs_BT,
+        "mask": out.mask_BT,
+        "rows": (
+            jnp.broadcast_to(prompt_1P, (N, prompt_1P.shape[1])),
+            jnp.broadcast_to(prompt_mask_1P, (N, prompt_1P.shape[1])),
+            out.tokens_BT,
+            out.mask_BT,
+        ),
+    }
+
+
+def score_answers(cfg: StepConfig, frozen: Frozen, queries, answers, rng):
+    """R (reward model, self-judge or zero) and R_Q (reference judge), each [N, G]."""
+    N, G = cfg.num_queries, cfg.answers_per_query
+    t = frozen.templates
+    query_BQ = jnp.repeat(queries["tokens"], G, axis=0)
+    query_len_B = jnp.repeat(queries["content_lengths"], G, axis=0)
+    answer_len_B = content_lengths(answers.lengths_B, ~answers.truncated_B)
+    pair = [(query_BQ, query_len_B), (answers.tokens_BT, answer_len_B)]
+    judge_NG, metrics = None, {}
+    if cfg.uses_judge:
+        tokens, mask = splice_segments(
+            [t.judge_prefix, pair[0], t.judge_middle, pair[1], t.judge_suffix], pad_id=cfg.pad_id
+        )
+        judge_B, metrics = judge_scores(cfg, frozen.ref_params, tokens, mask, t, rng)
+        judge_NG = judge_B.reshape(N, G)
+    if cfg.reward_kind == "model":
+        tokens, mask = splice_segments(
+            [t.rm_prefix, pair[0], t.rm_middle, pair[1], t.rm_suffix], pad_id=cfg.pad_id
+        )
+        scores_BTC = Llama(cfg.reward_model).apply(
+            {"params": frozen.rm_params}, tokens, mask_BT=mask
+        )
+        reward_NG = rewards.reward_model_scores(scores_BTC, mask).reshape(N, G)
+    elif cfg.reward_kind == "self_judge":
+        reward_NG = judge_NG
+    else:
+        reward_NG = jnp.zeros((N, G), jnp.float32)
+    quality_NG = judge_NG if cfg.mode == "lsp" else None
+    return reward_NG, quality_NG, metrics
+
+
+def judge_scores(cfg: StepConfig, ref_params, tokens_BT, mask_BT, templates, rng):
+    """The reference model's 0..7 quality score of each judged pair, [B] float32."""
+    if cfg.judge_mode == "expected":
+        # The prompt ends with the score tag: one forward pass, read the digit tokens.
+        hidden_BTD = Llama(cfg.reference).apply(
+            {"params": ref_params}, tokens_BT, mask_BT=mask_BT, return_hidden=True
+        )
+        head_DV = head_weight_DV(cfg.reference, ref_params).astype(cfg.reference.dtype)
+        logits_BV = jnp.einsum("BD,DV->BV", hidden_BTD[:, -1], head_DV)
+        return rewards.expected_judge_score(logits_BV, templates.digit_ids), {}
+    out = sampling.sample(cfg.reference, ref_params, tokens_BT, mask_BT, rng, cfg.judge)
+    score_B, parsed_B = rewards.parse_sampled_score(
+        out.tokens_BT,
+        out.mask_BT,
+        templates.score_tags,
+        templates.digit_ids,
+        fallback=cfg.judge_fallback,
+    )
+    failures = 1.0 - jnp.mean(parsed_B.astype(jnp.float32))
+    return score_B, {"judge/parse_failure_rate": failures}
+
+
+def completion_logprobs(model_cfg, params, prompt_BP, prompt_mask_BP, tokens_BA, mask_BA, cfg):
+    """log π(completion token | prompt, earlier tokens) at the sampling temperature, [B, A].
+
+    The same temperature as the sampler, so these equal the sampler's log-probs when
+    params are the sampling params (the metric `logprob/max_sampler_gap` checks it).
+    """
+    seq_BT = jnp.concatenate([prompt_BP, tokens_BA], axis=1)
+    mask_BT = jnp.concatenate([prompt_mask_BP, mask_BA], axis=1)
+    hidden_BTD = Llama(model_cfg).apply(
+        {"params": params}, seq_BT, mask_BT=mask_BT, return_hidden=True
+    )
+    P, A = prompt_BP.shape[1], tokens_BA.shape[1]
+    hidden_BAD = hidden_BTD[:, P - 1 : P + A - 1]  # Position t predicts token t + 1.
+    head_DV = head_weight_DV(model_cfg, params)
+    if cfg.logprob_chunk:
+        return rl.chunked_token_logprobs(
+            hidden_BAD,
+            head_DV.astype(model_cfg.dtype),
+            tokens_BA,
+            layout="DV",
+            chunk=cfg.logprob_chunk,
+            temperature=cfg.solver.temperature,
+        )
+    logits_BAV = jnp.einsum("BAD,DV->BAV", hidden_BAD, head_DV.astype(model_cfg.dtype))
+    return rl.token_logprobs(logits_BAV, tokens_BA, temperature=cfg.solver.temperature)
+
+
+def step_metrics(
+    cfg,
+    loss,
+    aux,
+    grads,
+    updates,
+    params,
+    queries,
+    answers,
+    reward_NG,
+    quality_NG,
+    solver_adv_NG,
+    challenger_adv_N,
+):
+    """Scalars logged every iteration (all float32, computed in-graph)."""
+    mask_f = answers.mask_BT.astype(jnp.float32)
+    gap_sol = jnp.max(jnp.abs(aux["logp_solver"] - answers.logprobs_BT) * mask_f)
+    m = {
+        "loss/total": loss,
+        "reward/solver": jnp.mean(reward_NG),
+        "advantage/solver_abs": jnp.mean(jnp.abs(solver_adv_NG)),
+        "advantage/challenger_abs": jnp.mean(jnp.abs(challenger_adv_N)),
+        "reward/challenger": -jnp.mean(reward_NG),
+        "length/answer": jnp.mean(answers.lengths_B.astype(jnp.float32)),
+        "truncated/answer": jnp.mean(answers.truncated_B.astype(jnp.float32)),
+        "logprob/max_sampler_gap": gap_sol,
+        "norm/grad": optax.global_norm(grads),
+        "norm/update": optax.global_norm(updates),
+        "norm/param": optax.global_norm(params),
+        "tokens/generated": jnp.sum(answers.lengths_B).astype(jnp.float32),
+    }
+    m.update({f"groups/{k}": v for k, v in group_stats(reward_NG).items()})
+    m.update({f"solver/{k}": v for k, v in aux["solver"].items()})
+    m["kl/solver"] = aux["solver"]["kl_per_sequence"]
+    m["entropy/solver_sampled"] = -aux["solver"]["logp_per_token"]
+    if quality_NG is not None:
+        m["quality/solver"] = jnp.mean(quality_NG)
+        m["reward/challenger"] = -jnp.mean(reward_NG) + jnp.mean(quality_NG)
+    if "challenger" in aux:
+        mask_q = queries["mask"].astype(jnp.float32)
+        m["kl/challenger"] = aux["challenger"]["kl_per_sequence"]
+        m["entropy/challenger_sampled"] = -aux["challenger"]["logp_per_token"]
+        m["length/query"] = jnp.mean(queries["mask"].sum(-1).astype(jnp.float32))
+        m["truncated/query"] = jnp.mean(queries["truncated"].astype(jnp.float32))
+        gap_ch = jnp.max(jnp.abs(aux["logp_challenger"] - queries["logprobs"]) * mask_q)
+        m["logprob/max_sampler_gap"] = jnp.maximum(gap_sol, gap_ch)
+        m["tokens/generated"] += jnp.sum(queries["mask"]).astype(jnp.float32)
+        m.update({f"challenger/{k}": v for k, v in aux["challenger"].items()})
+    else:
+        m["length/query"] = jnp.mean(queries["content_lengths"].astype(jnp.float32))
+    return m

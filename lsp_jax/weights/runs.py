@@ -1,0 +1,106 @@
+"""Training runs as model sources: a run's workdir (or one of its checkpoint steps)
+gives the policy weights of that checkpoint, and the tokenizer of the model it
+started from."""
+
+import json
+import os
+
+from lsp_jax.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+RUN_FILE = "run.json"  # Written by the trainer: the model source and its architecture.
+
+
+def write_run_info(workdir, info: dict) -> None:
+    """Writes WORKDIR/run.json atomically."""
+    path = os.path.join(workdir, RUN_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_run_info(workdir) -> dict:
+    path = os.path.join(workdir, RUN_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{workdir} is not an lsp_jax run folder: {RUN_FILE} is missing.")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def find_run(path) -> tuple[str, int | None] | None:
+    """(workdir, step) if `path` is a run workdir or one of its step folders, else None."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(os.path.join(path, RUN_FILE)):
+        return path, None
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == CHECKPOINT_DIR and os.path.basename(path).isdigit():
+        workdir = os.path.dirname(parent)
+        if os.path.isfile(os.path.join(workdir, RUN_FILE)):
+            return workdir, int(os.path.basename(path))
+    return None
+
+
+def checkpoint_manager(workdir, *, keep: int | None = None):
+    """Orbax manager over WORKDIR/checkpoints. Orbax writes each step to a temporary
+    folder and renames it when complete, so a killed save never looks like a checkpoint."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.path.join(os.fspath(workdir), CHECKPOINT_DIR))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
+    """(LlamaConfig, params) of a run's checkpoint (the latest, or the step folder given)."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from flax.linen import meta
+
+    from lsp_jax.model import Llama, LlamaConfig
+    from lsp_jax.weights.hf import stack_layers, unstack_layers
+
+    found = find_run(path)
+    if found is None:
+        raise UserError(
+            f"{path} looks like an orbax checkpoint but not an lsp_jax run: pass the run's "
+            f"workdir (with {RUN_FILE}) or one of its {CHECKPOINT_DIR}/STEP folders."
+        )
+    workdir, step = found
+    info = read_run_info(workdir)
+    saved = LlamaConfig.from_hf_config(info["model_config"], scan_layers=info["scan_layers"])
+    manager = checkpoint_manager(workdir)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise UserError(f"The run {workdir} has no checkpoint yet under {CHECKPOINT_DIR}/.")
+    init = lambda: Llama(saved).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    abstract = meta.unbox(jax.eval_shape(init)["params"])
+    restored = manager.restore(
+        step,
+        args=ocp.args.PyTreeRestore(
+            item={"params": abstract},
+            restore_args={"params": jax.tree.map(lambda _: ocp.RestoreArgs(), abstract)},
+            partial_restore=True,
+        ),
+    )
+    params = jax.tree.map(lambda x: jax.device_get(x), restored["params"])
+    if scan_layers and not saved.scan_layers:
+        params = stack_layers(params)
+    elif saved.scan_layers and not scan_layers:
+        params = unstack_layers(params)
+    config = saved.replace(scan_layers=scan_layers)
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    if param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
+        params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+    return config, params
+
+
+def run_model_source(path) -> str:
+    """The model source the run started from (for its tokenizer and chat template)."""
+    found = find_run(path)
+    if found is None:
+        raise UserError(f"{path} is not an lsp_jax run folder ({RUN_FILE} is missing).")
+    return read_run_info(found[0])["model_source"]

@@ -1,0 +1,183 @@
+"""The training loop on configs/tiny.py: one program, resume, preemption, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lsp_jax import cli
+from lsp_jax.train import config as config_lib
+from lsp_jax.train import loop
+from lsp_jax.weights import sources
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def tiny_config(**overrides):
+    config = config_lib.load_config(TINY)
+    config_lib.apply_overrides(config, [f"{k}={v}" for k, v in overrides.items()])
+    return config
+
+
+def final_params(workdir):
+    return sources.load_model(str(workdir))[1]
+
+
+def test_one_program_traced_and_compiled_once(tmp_path, monkeypatch):
+    traces, compiles = [], []
+    real_step, real_compile = loop.lsp_step, loop.compile_step
+
+    def counting_step(*args, **kwargs):
+        traces.append(1)
+        return real_step(*args, **kwargs)
+
+    def counting_compile(*args, **kwargs):
+        compiles.append(1)
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "lsp_step", counting_step)
+    monkeypatch.setattr(loop, "compile_step", counting_compile)
+    assert loop.train(tiny_config(), str(tmp_path), log=lambda *_: None) == 0
+    assert (len(traces), len(compiles)) == (1, 1)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # Three iterations ran through that one program.
+
+
+def _primitive_counts(jaxpr, counts=None):
+    counts = {} if counts is None else counts
+    for eqn in jaxpr.eqns:
+        counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            _primitive_counts(sub, counts)
+    return counts
+
+
+def test_jaxpr_of_one_iteration_holds_both_rollouts_and_the_update():
+    import functools
+
+    run = loop.build_run(tiny_config())
+    state = loop.init_state(run.params, run.optimizer, 0)
+    fn = functools.partial(
+        loop.run_iterations, cfg=run.step_cfg, optimizer=run.optimizer, num_iterations=1
+    )
+    closed = jax.make_jaxpr(fn)(state, run.frozen)
+    counts = _primitive_counts(closed.jaxpr)
+    # Two sampler decode loops (Challenger, Solver) and the iteration scan.
+    assert counts.get("while", 0) >= 2, counts
+    assert counts.get("scan", 0) >= 1
+    # Adam's update divides by sqrt(v); the gradient is in the same program.
+    assert counts.get("sqrt", 0) >= 1
+    out_state = jax.eval_shape(fn, state, run.frozen)[0]
+    assert jax.tree.structure(out_state.opt_state) == jax.tree.structure(state.opt_state)
+
+
+def test_resume_gives_bitwise_the_uninterrupted_run(tmp_path):
+    quiet = dict(log=lambda *_: None)
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    assert loop.train(tiny_config(**{"train.num_steps": 3}), str(split), **quiet) == 0
+    assert loop.train(tiny_config(**{"train.num_steps": 6}), str(split), **quiet) == 0
+    assert loop.train(tiny_config(**{"train.num_steps": 6}), str(whole), **quiet) == 0
+    a, b = final_params(split), final_params(whole)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    steps = [int(p.name) for p in (split / "checkpoints").iterdir() if p.name.isdigit()]
+    assert max(steps) == 6
+
+
+def _spawn(workdir, *extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["LSP_JAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or "0"
+    command = [
+        sys.executable,
+        "-m",
+        "lsp_jax.cli",
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(workdir),
+        *extra,
+    ]
+    return subprocess.Popen(
+        command, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_for(path, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early:\n{proc.stdout.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.2)
+
+
+def test_sigkill_after_a_checkpoint_resumes_and_finishes(tmp_path):
+    many = "--config.train.num_steps=400"
+    proc = _spawn(tmp_path, many)
+    _wait_for(tmp_path / "checkpoints" / "2", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    done = _spawn(tmp_path, "--config.train.num_steps=8")
+    output, _ = done.communicate(timeout=300)
+    assert done.returncode == 0, output
+    assert "Resumed from" in output and "Done: 8 iterations" in output
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_iteration(tmp_path):
+    proc = _spawn(tmp_path, "--config.train.num_steps=400", "--config.train.checkpoint_every=50")
+    metrics = tmp_path / "metrics.jsonl"
+    _wait_for(metrics, proc)
+    while not metrics.read_text().strip():  # The loop is running once step 1 is logged.
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output
+    last = int(output.rsplit("Stopped by SIGTERM at iteration ", 1)[1].split(";")[0])
+    assert 0 < last < 400
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert max(steps) == last
+
+
+def _fail(capsys, *overrides):
+    code = cli.main(["train", "--config", TINY, "--workdir", "unused", *overrides])
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_gives_one_clear_error(capsys, tmp_path):
+    code, err = _fail(capsys, "--config.game.answer_per_query=3")
+    assert code == 2 and "game.answer_per_query" in err and "answers_per_query" in err
+    code, err = _fail(capsys, "--config.game.answers_per_query=1")
+    assert code == 2 and "answers_per_query" in err
+    code, err = _fail(capsys, f"--config.model.source={tmp_path / 'nowhere'}")
+    assert code == 2 and "nowhere" in err and "does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_reward_model_with_another_vocabulary_is_refused(tmp_path, capsys):
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    rm = Path(sources.resolve("tiny-random-rm").path)
+    other = tmp_path / "other_rm"
+    shutil.copytree(rm, other)
+    vocab = {f"w{i}": i for i in range(300)} | {"<|im_start|>": 300, "<|im_end|>": 301}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(other / "tokenizer.json"))
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    code, err = _fail(capsys, f"--config.reward.model={other}")
+    assert code == 2 and "another tokenizer" in err and str(other) in err
