@@ -1,0 +1,1 @@
+"""Subcommands of `lsp-jax` (see lsp_jax/cli.py)."""
