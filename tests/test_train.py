@@ -31,7 +31,9 @@ def final_params(workdir):
 
 def test_one_program_traced_and_compiled_once(tmp_path, monkeypatch):
     traces, compiles = [], []
-    real_step, real_compile = loop.lsp_step, loop.compile_step
+    from lsp_jax.train import placement
+
+    real_step, real_compile = placement.lsp_step, loop.compile_step
 
     def counting_step(*args, **kwargs):
         traces.append(1)
@@ -41,7 +43,7 @@ def test_one_program_traced_and_compiled_once(tmp_path, monkeypatch):
         compiles.append(1)
         return real_compile(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "lsp_step", counting_step)
+    monkeypatch.setattr(placement, "lsp_step", counting_step)
     monkeypatch.setattr(loop, "compile_step", counting_compile)
     assert loop.train(tiny_config(), str(tmp_path), log=lambda *_: None) == 0
     assert (len(traces), len(compiles)) == (1, 1)
@@ -61,10 +63,13 @@ def _primitive_counts(jaxpr, counts=None):
 def test_jaxpr_of_one_iteration_holds_both_rollouts_and_the_update():
     import functools
 
+    from lsp_jax.train import placement
+    from lsp_jax.train.step import init_state
+
     run = loop.build_run(tiny_config())
-    state = loop.init_state(run.params, run.optimizer, 0)
+    state = init_state(run.params, run.optimizer, 0)
     fn = functools.partial(
-        loop.run_iterations, cfg=run.step_cfg, optimizer=run.optimizer, num_iterations=1
+        placement.run_iterations, cfg=run.step_cfg, optimizer=run.optimizer, num_iterations=1
     )
     closed = jax.make_jaxpr(fn)(state, run.frozen)
     counts = _primitive_counts(closed.jaxpr)

@@ -18,6 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = dict(
         source="smollm2-135m-instruct",  # HF folder, .gguf, run workdir, or a named model.
         reference="",  # Frozen reference/judge model; "" = the starting point (model.source).
+        preset="",  # LlamaConfig preset (e.g. llama3_2_3b) for `lsp-jax aot` without weights.
         dtype="float32",
         param_dtype="float32",
         remat=False,
@@ -26,6 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward = dict(
         kind="model",  # model | self_judge | none: what R(q, a) is (see configs/README).
         model="",  # A LlamaForSequenceClassification checkpoint, for kind=model.
+        preset="",  # Its architecture as a LlamaConfig preset, for `lsp-jax aot`.
         judge_mode="expected",  # expected | sampled: how the reference judge scores.
         judge_max_tokens=160,  # Judgement length in sampled mode.
         judge_fallback=0.0,  # R_Q when a sampled judgement has no readable score.

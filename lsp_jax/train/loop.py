@@ -12,14 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from lsp_jax import checkpoint, sampling
+from lsp_jax import checkpoint, sampling, sharding
 from lsp_jax import metrics as metrics_lib
 from lsp_jax.errors import UserError
 from lsp_jax.game.advantages import check_group_size, check_mode
 from lsp_jax.game.templates import TemplateTexts, build_templates
 from lsp_jax.rl import check_loss_options
+from lsp_jax.train import placement as placement_lib
 from lsp_jax.train.optim import make_optimizer
-from lsp_jax.train.step import Frozen, StepConfig, init_state, lsp_step
+from lsp_jax.train.step import Frozen, StepConfig, init_state
 from lsp_jax.weights import sources
 
 REWARD_KINDS = ("model", "self_judge", "none")
@@ -74,13 +75,12 @@ def _dtype(name: str):
 
 
 def build_run(config) -> Run:
+    """Loads every model the run needs and builds the static step configuration."""
     check_config(config)
     m = config.model
     dtypes = dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
     policy_cfg, params = sources.load_model(m.source, **dtypes, scan_layers=m.scan_layers)
-    policy_cfg = policy_cfg.replace(remat=m.remat)
     chat = sources.load_chat_template(m.source)
-    tokenizer = chat.tokenizer
     ref_cfg, ref_params = policy_cfg, params
     if m.reference:
         ref_cfg, ref_params = sources.load_model(m.reference, **dtypes, scan_layers=m.scan_layers)
@@ -92,29 +92,42 @@ def build_run(config) -> Run:
         if not rm_cfg.is_classifier:
             raise UserError(f"reward.model={config.reward.model} is not a sequence classifier.")
         rm_chat = sources.load_chat_template(config.reward.model)
-        check_same_tokenizer(tokenizer, rm_chat.tokenizer, config.reward.model)
+        check_same_tokenizer(chat.tokenizer, rm_chat.tokenizer, config.reward.model)
+    templates = build_templates(chat, template_texts(config), rm_chat)
+    step_cfg = make_step_config(config, policy_cfg, ref_cfg, rm_cfg, chat.tokenizer)
+    prompts = grpo_prompts(config, chat, config.game.max_query_tokens)
+    frozen = Frozen(
+        ref_params=ref_params, rm_params=rm_params, templates=templates, prompts=prompts
+    )
+    optimizer = make_optimizer(config.optim, config.train.num_steps)
+    return Run(step_cfg, optimizer, frozen, params, chat.tokenizer, m.source)
+
+
+def template_texts(config) -> TemplateTexts:
     g = config.game
-    texts = TemplateTexts(
+    return TemplateTexts(
         challenger_prompt=g.challenger_prompt,
         judge_prompt=g.judge_prompt,
         task=g.task,
         template=g.template,
         expected_judge=config.reward.judge_mode == "expected",
     )
-    templates = build_templates(chat, texts, rm_chat)
-    pad_id = tokenizer.pad_id
-    stop = tuple(tokenizer.stop_ids)
-    s = config.sampling
+
+
+def make_step_config(config, policy_cfg, ref_cfg, rm_cfg, tokenizer) -> StepConfig:
+    """The static half of the step: model architectures, game sizes, sampler options."""
+    g, s = config.game, config.sampling
     sampler = functools.partial(
         sampling.SamplerConfig,
         temperature=s.temperature,
         top_k=s.top_k,
         top_p=s.top_p,
-        stop_tokens=stop,
-        pad_token=pad_id,
+        stop_tokens=tuple(tokenizer.stop_ids),
+        pad_token=tokenizer.pad_id,
+        decode_buckets=s.decode_buckets,
     )
-    step_cfg = StepConfig(
-        policy=policy_cfg,
+    return StepConfig(
+        policy=policy_cfg.replace(remat=config.model.remat),
         reference=ref_cfg.replace(remat=False),
         reward_model=rm_cfg,
         mode=g.mode,
@@ -132,15 +145,85 @@ def build_run(config) -> Run:
         kl_estimator=config.loss.kl_estimator,
         aggregation=config.loss.aggregation,
         logprob_chunk=config.loss.logprob_chunk,
-        pad_id=pad_id,
+        pad_id=tokenizer.pad_id,
     )
-    prompts = grpo_prompts(config, chat, g.max_query_tokens) if g.mode == "grpo" else None
-    frozen = Frozen(
-        ref_params=ref_params, rm_params=rm_params, templates=templates, prompts=prompts
-    )
-    frozen = jax.tree.map(jnp.asarray, frozen)
+
+
+def abstract_iteration(config, mesh):
+    """The training iteration of `config` lowered against abstract inputs on `mesh`, for
+    ahead-of-time compilation (`lsp-jax aot`): no weights are loaded. Architectures come
+    from the sources' config.json when they exist, else from `model.preset` /
+    `reward.preset`; token templates are sized from the prompt texts.
+
+    Returns:
+      (jitted iteration, (abstract state, abstract frozen), FLOPs per iteration by phase).
+    """
+    from lsp_jax import aot
+    from lsp_jax.train import estimate
+
+    m = config.model
+    dtypes = dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
+    policy_cfg = estimate.architecture(m.source, m.preset, scan_layers=m.scan_layers, **dtypes)
+    rm_cfg = None
+    if config.reward.kind == "model":
+        rm_cfg = estimate.architecture(
+            config.reward.model,
+            config.reward.preset,
+            scan_layers=m.scan_layers,
+            num_labels=1,
+            **dtypes,
+        )
+    tokenizer = estimate.tokenizer_ids(policy_cfg)
+    step_cfg = make_step_config(config, policy_cfg, policy_cfg, rm_cfg, tokenizer)
+    templates = estimate.templates(config, template_texts(config))
+    prompts = None
+    if config.game.mode == "grpo":
+        prompts = (
+            jax.ShapeDtypeStruct((estimate.GRPO_PROMPTS, config.game.max_query_tokens), jnp.int32),
+            jax.ShapeDtypeStruct((estimate.GRPO_PROMPTS,), jnp.int32),
+        )
     optimizer = make_optimizer(config.optim, config.train.num_steps)
-    return Run(step_cfg, optimizer, frozen, params, tokenizer, m.source)
+    sharding.check_batch_divisible(
+        mesh, num_queries=config.game.num_queries, answers_per_query=config.game.answers_per_query
+    )
+    frozen = Frozen(
+        ref_params=estimate.abstract_params(policy_cfg),
+        rm_params=None if rm_cfg is None else estimate.abstract_params(rm_cfg),
+        templates=templates,
+        prompts=prompts,
+    )
+    placement = placement_lib.plan(step_cfg, optimizer, frozen, mesh, mesh_rules(config))
+    state = jax.eval_shape(
+        lambda p: init_state(p, optimizer, 0), estimate.abstract_params(policy_cfg)
+    )
+    with_sharding = lambda tree, shardings: jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings
+    )
+    abstract_frozen = with_sharding(jax.eval_shape(lambda f: f, frozen), placement.frozen)
+    abstract_state = with_sharding(state, placement.state)
+    jitted = placement_lib.jit_iterations(
+        step_cfg, optimizer, placement, config.train.steps_per_jit
+    )
+    flops = aot.step_flops(step_cfg, templates)
+    return jitted, (abstract_state, abstract_frozen), flops
+
+
+def make_mesh(config):
+    """The config's device mesh; refuses batches that do not split evenly over it."""
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.dcn_shape)
+    sharding.check_batch_divisible(
+        mesh,
+        num_queries=config.game.num_queries,
+        answers_per_query=config.game.answers_per_query,
+    )
+    return mesh
+
+
+def mesh_rules(config):
+    return tuple(
+        (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules
+    )
 
 
 def check_same_tokenizer(policy_tok, rm_tok, rm_source) -> None:
@@ -158,7 +241,9 @@ def check_same_tokenizer(policy_tok, rm_tok, rm_source) -> None:
 
 
 def grpo_prompts(config, chat, max_tokens):
-    """The prompt set as right-padded token rows [P, Q] and lengths [P]."""
+    """The prompt set as right-padded token rows [P, Q] and lengths [P] (GRPO only)."""
+    if config.game.mode != "grpo":
+        return None
     from lsp_jax import data
 
     prompts = data.load_prompts(config.data.prompts, data_dir=config.data.tfds_data_dir or None)
@@ -173,25 +258,11 @@ def grpo_prompts(config, chat, max_tokens):
     return tokens, lengths
 
 
-def run_iterations(state, frozen, *, cfg, optimizer, num_iterations):
-    """`num_iterations` self-play iterations in one program (lax.scan over lsp_step);
-    metrics stacked [num_iterations], the rollout of the last iteration."""
-
-    def body(state, _):
-        state, metrics, rollout = lsp_step(state, frozen, cfg=cfg, optimizer=optimizer)
-        return state, (metrics, rollout)
-
-    state, (metrics, rollouts) = jax.lax.scan(body, state, None, length=num_iterations)
-    return state, metrics, jax.tree.map(lambda x: x[-1], rollouts)
-
-
-def compile_step(run: Run, state, num_iterations: int):
-    fn = functools.partial(
-        run_iterations, cfg=run.step_cfg, optimizer=run.optimizer, num_iterations=num_iterations
+def compile_step(run: Run, placement, state, num_iterations: int):
+    """(compiled iteration, seconds): `num_iterations` iterations per call."""
+    return placement_lib.compile_iterations(
+        run.step_cfg, run.optimizer, placement, state, run.frozen, num_iterations
     )
-    start = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=0).lower(state, run.frozen).compile()
-    return compiled, time.perf_counter() - start
 
 
 class _StopFlag:
@@ -230,19 +301,25 @@ def _train(config, workdir, stop, log):
             "config": json.loads(config.to_json_best_effort()),
         },
     )
+    mesh = make_mesh(config)
+    placement = placement_lib.plan(
+        run.step_cfg, run.optimizer, run.frozen, mesh, mesh_rules(config)
+    )
+    run.frozen = placement_lib.place_frozen(run.frozen, placement)
     manager = checkpoint.checkpoint_manager(workdir, keep=t.keep_checkpoints)
-    state = init_state(run.params, run.optimizer, t.seed)
+    state = placement_lib.place_state(run.params, run.optimizer, t.seed, placement)
+    run.params = None  # Host copy no longer needed.
     if manager.latest_step() is not None:
         state = checkpoint.restore(manager, state)
         log(f"Resumed from {workdir} at iteration {int(state.step)}.")
     writer = metrics_lib.MetricsWriter(workdir)
     try:
-        return _loop(config, workdir, run, state, manager, writer, stop, log)
+        return _loop(config, workdir, run, placement, state, manager, writer, stop, log)
     finally:
         writer.close()
 
 
-def _loop(config, workdir, run, state, manager, writer, stop, log):
+def _loop(config, workdir, run, placement, state, manager, writer, stop, log):
     t = config.train
     step = int(state.step)
     compiled = {}
@@ -257,7 +334,7 @@ def _loop(config, workdir, run, state, manager, writer, stop, log):
     while step < t.num_steps and not stop.set:
         k = min(t.steps_per_jit, t.num_steps - step)
         if k not in compiled:
-            compiled[k], seconds = _timed_compile(run, state, k, log)
+            compiled[k] = _timed_compile(run, placement, state, k, log)
         start = time.perf_counter()
         state, metrics, rollout = compiled[k](state, run.frozen)
         metrics, rollout = jax.device_get((metrics, rollout))
@@ -290,11 +367,11 @@ def _loop(config, workdir, run, state, manager, writer, stop, log):
     return 0
 
 
-def _timed_compile(run, state, k, log):
+def _timed_compile(run, placement, state, k, log):
     log(f"Compiling the self-play iteration ({k} per call)...")
-    compiled, seconds = compile_step(run, state, k)
+    compiled, seconds = compile_step(run, placement, state, k)
     log(f"Compiled in {seconds:.1f} s.")
-    return compiled, seconds
+    return compiled
 
 
 def export(workdir, run: Run, params, step: int, log) -> str:

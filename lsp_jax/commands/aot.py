@@ -1,0 +1,106 @@
+"""`lsp-jax aot`: compile one training iteration for a TPU topology and report its HBM."""
+
+import os
+
+EPILOG = """\
+Compiles the self-play iteration of a config with the TPU compiler (libtpu, from
+pip install 'jax[tpu]'), on any machine: no TPU needed. Prints the HBM per chip
+(arguments, temporaries, peak) against the chip's capacity, the iteration's FLOPs and,
+with --step-time, the MFU that time means. Exits 1 when the iteration does not fit.
+Topologies: v4:2x2x1, v5e:1x1, v5e:2x4, v5p:2x2x1, v6e:2x4, ... (GENERATION:CHIPS).
+Override config keys as for train, e.g.
+  lsp-jax aot --config configs/lsp_llama3_2_3b.py --topology v5e:2x4 \\
+      --config.game.num_queries=16 --step-time 30
+"""
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE[:ARG]",
+        help="ml_collections config file, e.g. configs/lsp_llama3_2_3b.py.",
+    )
+    parser.add_argument(
+        "--topology", required=True, help="TPU slice to compile for, e.g. v5e:2x4 or v4:2x2x1."
+    )
+    parser.add_argument(
+        "--step-time",
+        type=float,
+        default=None,
+        metavar="S",
+        help="Seconds per iteration (measured or hoped for): report the MFU it means.",
+    )
+    parser.epilog = EPILOG
+    parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    parser.set_defaults(accepts_overrides=True)
+
+
+def run(args) -> int:
+    # Compile-only TPU devices need no TPU backend: keep a local TPU (if any) free for
+    # training jobs. Must precede the first JAX backend use.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from lsp_jax.train import config as config_lib
+
+    overrides = []
+    for item in args.overrides:
+        if not item.startswith("--config."):
+            raise SystemExit(
+                f"lsp-jax aot: unrecognized argument {item!r}; overrides are "
+                "written --config.SECTION.KEY=VALUE."
+            )
+        overrides.append(item[len("--config.") :])
+    config = config_lib.load_config(args.config)
+    config_lib.apply_overrides(config, overrides)
+    return compile_and_report(config, args.topology, step_time_s=args.step_time)
+
+
+def compile_and_report(config, topology: str, *, step_time_s=None) -> int:
+    """Builds the config's mesh on `topology` (times the slices of mesh.dcn_shape),
+    compiles the iteration, prints the report. Returns 0 when it fits in HBM, 1 if not."""
+    import math
+    import sys
+
+    import flax.linen as nn
+    import jax
+
+    from lsp_jax import aot, sharding
+
+    dcn_shape = tuple(int(s) for s in config.mesh.dcn_shape)
+    num_slices = math.prod(dcn_shape)
+    devices = aot.topology_devices(topology, num_slices=num_slices)
+    mesh = sharding.make_mesh(config.mesh.shape, dcn_shape, devices=devices)
+    fn, abstract_args, flops = _abstract_iteration(config, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.mesh.rules)):
+        report = aot.compile_report(fn, *abstract_args, topology=topology, num_slices=num_slices)
+    print(aot.format_report(report, flops_per_iteration=flops, step_time_s=step_time_s))
+    if report.fits:
+        return 0
+    gib = aot.GiB
+    print(
+        f"lsp-jax aot: the iteration does not fit on {topology}: it needs "
+        f"{report.total_bytes / gib:.2f} GiB per chip and a chip has "
+        f"{report.capacity_bytes / gib:.2f} GiB. Use more chips (a larger topology or more "
+        "fsdp), fewer queries/answers per iteration, shorter max_query_tokens/"
+        "max_answer_tokens, loss.logprob_chunk, or model.remat=True.",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _abstract_iteration(config, mesh):
+    """(jitted_fn, abstract_args, flops or None) from lsp_jax.train.loop.abstract_iteration,
+    which returns (jitted_fn, abstract_args) or (jitted_fn, abstract_args, flops), flops
+    being a number or a dict of parts such as lsp_jax.aot.step_flops gives."""
+    from lsp_jax.errors import UserError
+    from lsp_jax.train import loop
+
+    build = getattr(loop, "abstract_iteration", None)
+    if build is None:
+        raise UserError(
+            "This version of lsp_jax has no lsp_jax.train.loop.abstract_iteration, so it "
+            "cannot compile the training iteration ahead of time yet."
+        )
+    result = tuple(build(config, mesh))
+    fn, abstract_args = result[:2]
+    return fn, tuple(abstract_args), (result[2] if len(result) > 2 else None)

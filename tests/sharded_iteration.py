@@ -1,0 +1,82 @@
+"""Runs tiny LSP iterations on 8 fake CPU devices, one mesh after another, and prints
+their metrics and parameters as JSON (run by tests/test_sharding.py in a subprocess,
+since the device count is fixed when JAX starts)."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lsp_jax import checkpoint, sharding  # noqa: E402
+from lsp_jax.train import config as config_lib  # noqa: E402
+from lsp_jax.train import loop, placement  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+if len(sys.argv) > 2:
+    jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+
+
+def one_iteration(run, mesh, state_from=None):
+    rules = loop.mesh_rules(run.config)
+    plan = placement.plan(run.step_cfg, run.optimizer, run.frozen, mesh, rules)
+    frozen = placement.place_frozen(run.frozen, plan)
+    state = placement.place_state(run.params, run.optimizer, 0, plan)
+    if state_from is not None:
+        state = checkpoint.restore(checkpoint.checkpoint_manager(state_from), state)
+    compiled, _ = placement.compile_iterations(run.step_cfg, run.optimizer, plan, state, frozen, 1)
+    state, metrics, _ = compiled(state, frozen)
+    return state, metrics, plan
+
+
+def summary(state, metrics):
+    leaves = jax.tree.leaves(jax.device_get(state.params))
+    return {
+        "metrics": {k: float(np.asarray(v)[0]) for k, v in jax.device_get(metrics).items()},
+        "params": [np.asarray(x, np.float64).ravel()[:64].tolist() for x in leaves],
+        "param_sums": [float(np.asarray(x, np.float64).sum()) for x in leaves],
+    }
+
+
+def main(workdir):
+    config = config_lib.load_config(TINY)
+    config_lib.apply_overrides(config, ["game.num_queries=4", "game.answers_per_query=2"])
+    run = loop.build_run(config)
+    run.config = config
+    results = {}
+    single = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    state, metrics, _ = one_iteration(run, single)
+    results["1x1x1"] = summary(state, metrics)
+    for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
+        mesh = sharding.make_mesh(shape)
+        state, metrics, plan = one_iteration(run, mesh)
+        results["x".join(map(str, shape))] = summary(state, metrics)
+        if shape == (1, 8, 1):
+            # Save on (1, 8, 1), restore onto (2, 2, 2), and continue one iteration.
+            manager = checkpoint.checkpoint_manager(workdir)
+            checkpoint.save(manager, 1, state)
+            fsdp_spec = str(plan.state.params["embed"]["embedding"].spec)
+            results["fsdp_embedding_spec"] = fsdp_spec
+    for name, mesh_shape in [("resumed_222", (2, 2, 2)), ("resumed_111", (1, 1, 1))]:
+        devices = jax.devices() if name == "resumed_222" else jax.devices()[:1]
+        mesh = sharding.make_mesh(mesh_shape, devices=devices)
+        state, metrics, _ = one_iteration(run, mesh, state_from=workdir)
+        results[name] = summary(state, metrics)
+    try:
+        sharding.check_batch_divisible(
+            sharding.make_mesh((8, 1, 1)), num_queries=3, answers_per_query=2
+        )
+    except Exception as error:  # noqa: BLE001
+        results["uneven_error"] = str(error)
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
