@@ -27,6 +27,7 @@ def get_config(arg=None):
     c.model.preset = "llama3_2_3b"  # The architecture, for `lsp-jax aot` without weights.
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
+    c.model.frozen_param_dtype = "bfloat16"  # Reference judge and reward model.
     c.model.scan_layers = True
     c.model.remat = True
     c.reward.kind = "model"

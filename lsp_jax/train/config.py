@@ -21,6 +21,9 @@ def default_config() -> ml_collections.ConfigDict:
         preset="",  # LlamaConfig preset (e.g. llama3_2_3b) for `lsp-jax aot` without weights.
         dtype="float32",
         param_dtype="float32",
+        # Storage dtype of the frozen reference and reward models ("" = param_dtype);
+        # bfloat16 halves their memory, and they are never updated.
+        frozen_param_dtype="",
         remat=False,
         scan_layers=False,
     )

@@ -81,13 +81,17 @@ def build_run(config) -> Run:
     dtypes = dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
     policy_cfg, params = sources.load_model(m.source, **dtypes, scan_layers=m.scan_layers)
     chat = sources.load_chat_template(m.source)
-    ref_cfg, ref_params = policy_cfg, params
+    frozen_dtypes = _frozen_dtypes(m)
+    ref_cfg, ref_params = policy_cfg.replace(**frozen_dtypes), params
     if m.reference:
-        ref_cfg, ref_params = sources.load_model(m.reference, **dtypes, scan_layers=m.scan_layers)
+        ref_cfg, ref_params = sources.load_model(
+            m.reference, **frozen_dtypes, scan_layers=m.scan_layers
+        )
+    ref_params = jax.tree.map(lambda x: np.asarray(x, ref_cfg.param_dtype), ref_params)
     rm_cfg, rm_params, rm_chat = None, None, None
     if config.reward.kind == "model":
         rm_cfg, rm_params = sources.load_model(
-            config.reward.model, **dtypes, scan_layers=m.scan_layers
+            config.reward.model, **frozen_dtypes, scan_layers=m.scan_layers
         )
         if not rm_cfg.is_classifier:
             raise UserError(f"reward.model={config.reward.model} is not a sequence classifier.")
@@ -101,6 +105,11 @@ def build_run(config) -> Run:
     )
     optimizer = make_optimizer(config.optim, config.train.num_steps)
     return Run(step_cfg, optimizer, frozen, params, chat.tokenizer, m.source)
+
+
+def _frozen_dtypes(model_config) -> dict:
+    frozen = model_config.frozen_param_dtype or model_config.param_dtype
+    return dict(dtype=_dtype(model_config.dtype), param_dtype=_dtype(frozen))
 
 
 def template_texts(config) -> TemplateTexts:
@@ -164,6 +173,7 @@ def abstract_iteration(config, mesh):
     m = config.model
     dtypes = dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
     policy_cfg = estimate.architecture(m.source, m.preset, scan_layers=m.scan_layers, **dtypes)
+    frozen_dtypes = _frozen_dtypes(m)
     rm_cfg = None
     if config.reward.kind == "model":
         rm_cfg = estimate.architecture(
@@ -171,10 +181,11 @@ def abstract_iteration(config, mesh):
             config.reward.preset,
             scan_layers=m.scan_layers,
             num_labels=1,
-            **dtypes,
+            **frozen_dtypes,
         )
     tokenizer = estimate.tokenizer_ids(policy_cfg)
-    step_cfg = make_step_config(config, policy_cfg, policy_cfg, rm_cfg, tokenizer)
+    ref_cfg = policy_cfg.replace(**frozen_dtypes)
+    step_cfg = make_step_config(config, policy_cfg, ref_cfg, rm_cfg, tokenizer)
     templates = estimate.templates(config, template_texts(config))
     prompts = None
     if config.game.mode == "grpo":
@@ -187,7 +198,7 @@ def abstract_iteration(config, mesh):
         mesh, num_queries=config.game.num_queries, answers_per_query=config.game.answers_per_query
     )
     frozen = Frozen(
-        ref_params=estimate.abstract_params(policy_cfg),
+        ref_params=estimate.abstract_params(ref_cfg),
         rm_params=None if rm_cfg is None else estimate.abstract_params(rm_cfg),
         templates=templates,
         prompts=prompts,

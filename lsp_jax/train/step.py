@@ -20,7 +20,7 @@ from lsp_jax import rl, sampling
 from lsp_jax.game import rewards
 from lsp_jax.game.advantages import advantages, group_stats
 from lsp_jax.game.splice import content_lengths, splice_segments
-from lsp_jax.model import Llama, LlamaConfig, head_weight_DV
+from lsp_jax.model import Llama, LlamaConfig, head_weight_DV, init_cache
 
 
 @struct.dataclass
@@ -106,13 +106,7 @@ def lsp_step(state: TrainState, frozen: Frozen, *, cfg: StepConfig, optimizer):
     reward_NG, quality_NG, judge_metrics = score_answers(cfg, frozen, queries, answers, k_judge)
 
     # Role batches: (prompt, prompt mask, completion, completion mask, sampler log-probs).
-    G = cfg.answers_per_query
-    solver_rows = (
-        jnp.repeat(prompt_NP, G, axis=0),
-        jnp.repeat(prompt_mask_NP, G, axis=0),
-        answers.tokens_BT,
-        answers.mask_BT,
-    )
+    solver_rows = (prompt_NP, prompt_mask_NP, answers.tokens_BT, answers.mask_BT)
     challenger_rows = queries.get("rows")
     ref_sol_BA = completion_logprobs(cfg.reference, frozen.ref_params, *solver_rows, cfg)
     ref_ch_NQ = (
@@ -208,19 +202,13 @@ def challenger_rollout(cfg: StepConfig, params, frozen: Frozen, rng, step):
         cfg.challenger,
         group_size=cfg.num_queries,
     )
-    N = cfg.num_queries
     return {
         "tokens": out.tokens_BT,
         "content_lengths": content_lengths(out.lengths_B, ~out.truncated_B),
         "truncated": out.truncated_B,
         "logprobs": out.logprobs_BT,
         "mask": out.mask_BT,
-        "rows": (
-            jnp.broadcast_to(prompt_1P, (N, prompt_1P.shape[1])),
-            jnp.broadcast_to(prompt_mask_1P, (N, prompt_1P.shape[1])),
-            out.tokens_BT,
-            out.mask_BT,
-        ),
+        "rows": (prompt_1P, prompt_mask_1P, out.tokens_BT, out.mask_BT),
     }
 
 
@@ -234,19 +222,29 @@ def score_answers(cfg: StepConfig, frozen: Frozen, queries, answers, rng):
     pair = [(query_BQ, query_len_B), (answers.tokens_BT, answer_len_B)]
     judge_NG, metrics = None, {}
     if cfg.uses_judge:
+        # The judge prefix (instructions) is the same for every pair: it is run once.
         tokens, mask = splice_segments(
-            [t.judge_prefix, pair[0], t.judge_middle, pair[1], t.judge_suffix], pad_id=cfg.pad_id
+            [pair[0], t.judge_middle, pair[1], t.judge_suffix], pad_id=cfg.pad_id
         )
         judge_B, metrics = judge_scores(cfg, frozen.ref_params, tokens, mask, t, rng)
         judge_NG = judge_B.reshape(N, G)
     if cfg.reward_kind == "model":
         tokens, mask = splice_segments(
-            [t.rm_prefix, pair[0], t.rm_middle, pair[1], t.rm_suffix], pad_id=cfg.pad_id
+            [pair[0], t.rm_middle, pair[1], t.rm_suffix], pad_id=cfg.pad_id
         )
-        scores_BTC = Llama(cfg.reward_model).apply(
-            {"params": frozen.rm_params}, tokens, mask_BT=mask
-        )
-        reward_NG = rewards.reward_model_scores(scores_BTC, mask).reshape(N, G)
+        prefix_1P = t.rm_prefix[0]
+        last_BD = forward_with_prefix(
+            cfg.reward_model,
+            frozen.rm_params,
+            prefix_1P,
+            jnp.ones(prefix_1P.shape, bool),
+            tokens,
+            mask,
+        )[1]
+        kernel_DC = frozen.rm_params["score"]["kernel"].astype(cfg.reward_model.dtype)
+        # The variable part is left-padded: its last column is each row's last token.
+        reward_NG = jnp.einsum("BD,DC->BC", last_BD, kernel_DC)[:, 0].astype(jnp.float32)
+        reward_NG = reward_NG.reshape(N, G)
     elif cfg.reward_kind == "self_judge":
         reward_NG = judge_NG
     else:
@@ -256,16 +254,26 @@ def score_answers(cfg: StepConfig, frozen: Frozen, queries, answers, rng):
 
 
 def judge_scores(cfg: StepConfig, ref_params, tokens_BT, mask_BT, templates, rng):
-    """The reference model's 0..7 quality score of each judged pair, [B] float32."""
+    """The reference model's 0..7 quality score of each judged pair, [B] float32.
+
+    tokens_BT / mask_BT: each pair's text after the (shared) judge prefix, left-padded.
+    """
+    prefix_1P = templates.judge_prefix[0]
+    prefix_mask_1P = jnp.ones(prefix_1P.shape, bool)
     if cfg.judge_mode == "expected":
         # The prompt ends with the score tag: one forward pass, read the digit tokens.
-        hidden_BTD = Llama(cfg.reference).apply(
-            {"params": ref_params}, tokens_BT, mask_BT=mask_BT, return_hidden=True
-        )
+        last_BD = forward_with_prefix(
+            cfg.reference, ref_params, prefix_1P, prefix_mask_1P, tokens_BT, mask_BT
+        )[1]
         head_DV = head_weight_DV(cfg.reference, ref_params).astype(cfg.reference.dtype)
-        logits_BV = jnp.einsum("BD,DV->BV", hidden_BTD[:, -1], head_DV)
+        logits_BV = jnp.einsum("BD,DV->BV", last_BD, head_DV)
         return rewards.expected_judge_score(logits_BV, templates.digit_ids), {}
-    out = sampling.sample(cfg.reference, ref_params, tokens_BT, mask_BT, rng, cfg.judge)
+    batch = tokens_BT.shape[0]
+    full_BT = jnp.concatenate(
+        [jnp.broadcast_to(prefix_1P, (batch, prefix_1P.shape[1])), tokens_BT], axis=1
+    )
+    full_mask_BT = jnp.concatenate([jnp.ones((batch, prefix_1P.shape[1]), bool), mask_BT], 1)
+    out = sampling.sample(cfg.reference, ref_params, full_BT, full_mask_BT, rng, cfg.judge)
     score_B, parsed_B = rewards.parse_sampled_score(
         out.tokens_BT,
         out.mask_BT,
@@ -277,19 +285,47 @@ def judge_scores(cfg: StepConfig, ref_params, tokens_BT, mask_BT, templates, rng
     return score_B, {"judge/parse_failure_rate": failures}
 
 
-def completion_logprobs(model_cfg, params, prompt_BP, prompt_mask_BP, tokens_BA, mask_BA, cfg):
+def forward_with_prefix(model_cfg, params, prefix_PT, prefix_mask_PT, tokens_BA, mask_BA):
+    """Runs P prefixes once, then B = P·k continuations (row b continues prefix b // k)
+    through the KV cache, as the sampler does; gradients flow through both parts.
+
+    Returns:
+      (hidden_BAD of the continuation tokens, last_BD: each row's final hidden state,
+      prefix_last_BD: the prefix's final hidden state, which predicts token 0).
+    """
+    num_prefixes, prefix_len = prefix_PT.shape
+    batch, length = tokens_BA.shape
+    model = Llama(model_cfg)
+    cache = init_cache(model_cfg, num_prefixes, prefix_len + length)
+    prefix_PTD, cache = model.apply(
+        {"params": params},
+        prefix_PT,
+        mask_BT=prefix_mask_PT,
+        cache=cache,
+        attend_bound=prefix_len,
+        return_hidden=True,
+    )
+    group = batch // num_prefixes
+    cache = sampling.broadcast_cache(cache, group)
+    hidden_BAD, _ = model.apply(
+        {"params": params}, tokens_BA, mask_BT=mask_BA, cache=cache, return_hidden=True
+    )
+    prefix_last_BD = jnp.repeat(prefix_PTD[:, -1], group, axis=0)
+    return hidden_BAD, hidden_BAD[:, -1], prefix_last_BD
+
+
+def completion_logprobs(model_cfg, params, prompt_PT, prompt_mask_PT, tokens_BA, mask_BA, cfg):
     """log π(completion token | prompt, earlier tokens) at the sampling temperature, [B, A].
 
-    The same temperature as the sampler, so these equal the sampler's log-probs when
-    params are the sampling params (the metric `logprob/max_sampler_gap` checks it).
+    Each of the P prompts is shared by B / P completion rows and computed once. The same
+    temperature as the sampler, so these equal the sampler's log-probs when params are
+    the sampling params (the metric `logprob/max_sampler_gap` checks it).
     """
-    seq_BT = jnp.concatenate([prompt_BP, tokens_BA], axis=1)
-    mask_BT = jnp.concatenate([prompt_mask_BP, mask_BA], axis=1)
-    hidden_BTD = Llama(model_cfg).apply(
-        {"params": params}, seq_BT, mask_BT=mask_BT, return_hidden=True
+    hidden_BAD, _, prefix_last_BD = forward_with_prefix(
+        model_cfg, params, prompt_PT, prompt_mask_PT, tokens_BA, mask_BA
     )
-    P, A = prompt_BP.shape[1], tokens_BA.shape[1]
-    hidden_BAD = hidden_BTD[:, P - 1 : P + A - 1]  # Position t predicts token t + 1.
+    # Token 0 is predicted by the prompt's last position, token t by completion t - 1.
+    hidden_BAD = jnp.concatenate([prefix_last_BD[:, None], hidden_BAD[:, :-1]], axis=1)
     head_DV = head_weight_DV(model_cfg, params)
     if cfg.logprob_chunk:
         return rl.chunked_token_logprobs(
