@@ -58,3 +58,16 @@ def summary_line(step: int, metrics: dict, keys: tuple[str, ...]) -> str:
         if key in metrics and metrics[key] is not None:
             parts.append(f"{key} {float(metrics[key]):.4g}")
     return " | ".join(parts)
+
+
+class NullWriter:
+    """Stands in for MetricsWriter on the hosts of a pod that do not write."""
+
+    def write_metrics(self, step, metrics):
+        pass
+
+    def write_samples(self, step, samples):
+        pass
+
+    def close(self):
+        pass

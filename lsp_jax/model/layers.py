@@ -11,6 +11,18 @@ import jax.numpy as jnp
 _MASKED = -1e30
 
 
+# Logical names of activation axes; the config's rules map them to mesh axes (rows over
+# data x fsdp). Without rules in context (nn.logical_axis_rules) these are no-ops.
+BTD = ("activation_batch", "activation_length", "activation_embed")
+BTNH = ("activation_batch", "activation_length", "activation_heads", None)
+BTKH = ("activation_batch", "activation_length", "activation_kv_heads", None)
+BTF = ("activation_batch", "activation_length", "activation_mlp")
+
+
+def constrain(x, names):
+    return nn.with_logical_constraint(x, names)
+
+
 def _weight(module: nn.Module, name: str, shape, axes, param_dtype):
     init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), axes)
     return module.param(name, init, shape, param_dtype)
@@ -104,8 +116,9 @@ class Attention(nn.Module):
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, wq_DNH.astype(self.dtype))
         k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, wk_DKH.astype(self.dtype))
         v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, wv_DKH.astype(self.dtype))
-        q_BTNH = apply_rope(q_BTNH, angles_BTh)
-        k_BTKH = apply_rope(k_BTKH, angles_BTh)
+        q_BTNH = constrain(apply_rope(q_BTNH, angles_BTh), BTNH)
+        k_BTKH = constrain(apply_rope(k_BTKH, angles_BTh), BTKH)
+        v_BTKH = constrain(v_BTKH, BTKH)
         if kv is None:
             out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
         else:
@@ -113,6 +126,7 @@ class Attention(nn.Module):
             start = (0, write_index, 0, 0)
             k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, k_BTKH.astype(k_BSKH.dtype), start)
             v_BSKH = jax.lax.dynamic_update_slice(v_BSKH, v_BTKH.astype(v_BSKH.dtype), start)
+            k_BSKH, v_BSKH = constrain(k_BSKH, BTKH), constrain(v_BSKH, BTKH)
             kv = (k_BSKH, v_BSKH)
             bound = mask_BTS.shape[-1]  # Attend only to the first `bound` slots.
             out_BTNH = attend(
@@ -141,5 +155,5 @@ class MLP(nn.Module):
         down_FD = _weight(self, "down", (f, dim), ("mlp", "embed"), self.param_dtype)
         gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, gate_DF.astype(self.dtype))
         up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, up_DF.astype(self.dtype))
-        hidden_BTF = jax.nn.silu(gate_BTF) * up_BTF
+        hidden_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, BTF)
         return jnp.einsum("BTF,FD->BTD", hidden_BTF, down_FD.astype(self.dtype))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from lsp_jax.model.config import LlamaConfig
-from lsp_jax.model.layers import MLP, Attention, RMSNorm, rope_angles
+from lsp_jax.model.layers import BTD, MLP, Attention, RMSNorm, constrain, rope_angles
 
 
 @struct.dataclass
@@ -100,7 +100,7 @@ class Block(nn.Module):
         x_BTD = x_BTD + attn_BTD
         mlp = MLP(mlp_dim=cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
         x_BTD = x_BTD + mlp(RMSNorm(**norm, name="mlp_norm")(x_BTD))
-        return x_BTD, kv
+        return constrain(x_BTD, BTD), kv
 
 
 class Llama(nn.Module):
@@ -147,7 +147,7 @@ class Llama(nn.Module):
             cfg.param_dtype,
             name="embed",
         )()
-        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.dtype)
+        x_BTD = constrain(jnp.take(embedding_VD, tokens_BT, axis=0).astype(cfg.dtype), BTD)
         x_BTD, kv = self._blocks(x_BTD, cache, angles, mask_BTS, write_index)
         x_BTD = RMSNorm(cfg.rms_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x_BTD)
         out = x_BTD if return_hidden else self._head(x_BTD, embedding_VD)

@@ -84,6 +84,13 @@ def default_config() -> ml_collections.ConfigDict:
             ("mlp", "tensor"),
             ("head_dim", None),
             ("layers", None),
+            # Activations: rows over data x fsdp, heads and MLP over tensor.
+            ("activation_batch", ("data", "fsdp")),
+            ("activation_length", None),
+            ("activation_embed", None),
+            ("activation_heads", "tensor"),
+            ("activation_kv_heads", "tensor"),
+            ("activation_mlp", "tensor"),
         ),
     )
     c.data = dict(prompts="shipped", tfds_data_dir="", shuffle_seed=0)

@@ -303,15 +303,17 @@ def _train(config, workdir, stop, log):
     t = config.train
     run = build_run(config)
     policy = run.step_cfg.policy
-    checkpoint.write_run_info(
-        workdir,
-        {
+    lead = jax.process_index() == 0  # On a pod, one host writes logs and exports.
+    if not lead:
+        log = lambda *_: None
+    if lead:
+        info = {
             "model_source": run.source,
             "model_config": policy.to_hf_config(),
             "scan_layers": policy.scan_layers,
             "config": json.loads(config.to_json_best_effort()),
-        },
-    )
+        }
+        checkpoint.write_run_info(workdir, info)
     mesh = make_mesh(config)
     placement = placement_lib.plan(
         run.step_cfg, run.optimizer, run.frozen, mesh, mesh_rules(config)
@@ -323,7 +325,7 @@ def _train(config, workdir, stop, log):
     if manager.latest_step() is not None:
         state = checkpoint.restore(manager, state)
         log(f"Resumed from {workdir} at iteration {int(state.step)}.")
-    writer = metrics_lib.MetricsWriter(workdir)
+    writer = metrics_lib.MetricsWriter(workdir) if lead else metrics_lib.NullWriter()
     try:
         return _loop(config, workdir, run, placement, state, manager, writer, stop, log)
     finally:
@@ -335,11 +337,11 @@ def _loop(config, workdir, run, placement, state, manager, writer, stop, log):
     step = int(state.step)
     compiled = {}
     progress = tqdm(
+        disable=None if jax.process_index() == 0 else True,
         total=t.num_steps,
         initial=step,
         desc="self-play",
         unit="it",
-        disable=None,
         dynamic_ncols=True,
     )
     while step < t.num_steps and not stop.set:
@@ -386,11 +388,16 @@ def _timed_compile(run, placement, state, k, log):
 
 
 def export(workdir, run: Run, params, step: int, log) -> str:
+    from jax.experimental import multihost_utils
+
     from lsp_jax.commands.convert import export_folder
 
     path = os.path.join(workdir, "export", f"step_{step:06d}")
-    export_folder(run.source, path, run.step_cfg.policy, params)
-    log(f"Exported Hugging Face folder: {path}")
+    # Every host takes part in gathering the sharded parameters; the first one writes.
+    params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        export_folder(run.source, path, run.step_cfg.policy, params)
+        log(f"Exported Hugging Face folder: {path}")
     return path
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -19,6 +20,7 @@ class Placement:
     mesh: jax.sharding.Mesh
     state: object
     frozen: object
+    rules: tuple = ()
 
     @property
     def replicated(self):
@@ -48,6 +50,7 @@ def plan(step_cfg, optimizer, frozen, mesh, rules) -> Placement:
         mesh=mesh,
         state=sharding.logical_shardings(state, mesh, rules),
         frozen=frozen_sharding,
+        rules=tuple(rules),
     )
 
 
@@ -90,7 +93,7 @@ def jit_iterations(step_cfg, optimizer, placement: Placement, num_iterations: in
 def compile_iterations(step_cfg, optimizer, placement, state, frozen, num_iterations):
     """(compiled step, seconds spent tracing and compiling)."""
     start = time.perf_counter()
-    with jax.set_mesh(placement.mesh):
+    with jax.set_mesh(placement.mesh), nn.logical_axis_rules(placement.rules):
         lowered = jit_iterations(step_cfg, optimizer, placement, num_iterations).lower(
             state, frozen
         )
