@@ -24,6 +24,9 @@ if len(sys.argv) > 2:
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
 
 
+_COMPILED = {}  # mesh shape -> compiled iteration (a resumed run reuses it).
+
+
 def one_iteration(run, mesh, state_from=None):
     rules = loop.mesh_rules(run.config)
     plan = placement.plan(run.step_cfg, run.optimizer, run.frozen, mesh, rules)
@@ -31,18 +34,28 @@ def one_iteration(run, mesh, state_from=None):
     state = placement.place_state(run.params, run.optimizer, 0, plan)
     if state_from is not None:
         state = checkpoint.restore(checkpoint.checkpoint_manager(state_from), state)
-    compiled, _ = placement.compile_iterations(run.step_cfg, run.optimizer, plan, state, frozen, 1)
-    state, metrics, _ = compiled(state, frozen)
+    key = tuple(mesh.devices.shape)
+    if key not in _COMPILED:
+        _COMPILED[key] = placement.compile_iterations(
+            run.step_cfg, run.optimizer, plan, state, frozen, 1
+        )[0]
+    state, metrics, _ = _COMPILED[key](state, frozen)
     return state, metrics, plan
 
 
-def summary(state, metrics):
-    leaves = jax.tree.leaves(jax.device_get(state.params))
-    return {
+def summary(state, metrics, reference=None):
+    """Metrics, and the largest parameter difference to `reference` (element-wise)."""
+    params = [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(state.params))]
+    out = {
         "metrics": {k: float(np.asarray(v)[0]) for k, v in jax.device_get(metrics).items()},
-        "params": [np.asarray(x, np.float64).ravel()[:64].tolist() for x in leaves],
-        "param_sums": [float(np.asarray(x, np.float64).sum()) for x in leaves],
+        "params": params,
     }
+    if reference is not None:
+        diffs = [np.abs(a - b).max() for a, b in zip(params, reference["params"])]
+        out["max_param_diff"] = float(max(diffs))
+        moved = [np.abs(a - b).max() for a, b in zip(params, reference["start"])]
+        out["max_param_change"] = float(max(moved))
+    return out
 
 
 def main(workdir):
@@ -52,29 +65,38 @@ def main(workdir):
     run.config = config
     results = {}
     single = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    start = [np.asarray(x, np.float64) for x in jax.tree.leaves(run.params)]
     state, metrics, _ = one_iteration(run, single)
     results["1x1x1"] = summary(state, metrics)
+    results["1x1x1"]["start"] = start
     for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
         mesh = sharding.make_mesh(shape)
         state, metrics, plan = one_iteration(run, mesh)
-        results["x".join(map(str, shape))] = summary(state, metrics)
+        results["x".join(map(str, shape))] = summary(state, metrics, results["1x1x1"])
         if shape == (1, 8, 1):
             # Save on (1, 8, 1), restore onto (2, 2, 2), and continue one iteration.
             manager = checkpoint.checkpoint_manager(workdir)
             checkpoint.save(manager, 1, state)
             fsdp_spec = str(plan.state.params["embed"]["embedding"].spec)
             results["fsdp_embedding_spec"] = fsdp_spec
-    for name, mesh_shape in [("resumed_222", (2, 2, 2)), ("resumed_111", (1, 1, 1))]:
+    for name, mesh_shape in [("resumed_111", (1, 1, 1)), ("resumed_222", (2, 2, 2))]:
         devices = jax.devices() if name == "resumed_222" else jax.devices()[:1]
         mesh = sharding.make_mesh(mesh_shape, devices=devices)
         state, metrics, _ = one_iteration(run, mesh, state_from=workdir)
-        results[name] = summary(state, metrics)
+        reference = results.get("resumed_111")
+        if reference is not None:
+            reference = dict(reference, start=results["1x8x1"]["params"])
+        results[name] = summary(state, metrics, reference)
     try:
         sharding.check_batch_divisible(
             sharding.make_mesh((8, 1, 1)), num_queries=3, answers_per_query=2
         )
     except Exception as error:  # noqa: BLE001
         results["uneven_error"] = str(error)
+    for value in results.values():
+        if isinstance(value, dict):
+            value.pop("params", None)
+            value.pop("start", None)
     print("RESULTS " + json.dumps(results))
 
 

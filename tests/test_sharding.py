@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 from lsp_jax import sharding
@@ -36,9 +35,10 @@ def results(tmp_path_factory):
 def assert_same(a, b, atol=1e-5):
     for key, value in a["metrics"].items():
         assert b["metrics"][key] == pytest.approx(value, abs=atol, rel=1e-5), key
-    for x, y in zip(a["params"], b["params"]):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=atol)
-    np.testing.assert_allclose(b["param_sums"], a["param_sums"], atol=1e-4)
+    # Every parameter element within atol of the reference run's, and the update is
+    # much larger than that (so the comparison is not vacuous).
+    assert b["max_param_diff"] <= atol
+    assert b["max_param_change"] > 10 * atol
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -54,7 +54,6 @@ def test_parameters_are_really_sharded(results):
 def test_checkpoint_from_one_mesh_continues_identically_on_another(results):
     # Saved on (1, 8, 1); the next iteration on (2, 2, 2) equals the next on one device.
     assert_same(results["resumed_111"], results["resumed_222"])
-    assert results["resumed_222"]["param_sums"] != results["1x8x1"]["param_sums"]
 
 
 def test_uneven_batch_is_refused_before_compiling(results):
