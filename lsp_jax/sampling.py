@@ -155,17 +155,8 @@ def sample(
         row_ids_B = jnp.arange(batch, dtype=jnp.int32)
     row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids_B)
 
-    state = _DecodeState(
-        step=jnp.zeros((), jnp.int32),
-        last_B=jnp.zeros((batch,), jnp.int32),
-        done_B=jnp.zeros((batch,), bool),
-        tokens_BT=jnp.full((batch, sampler.max_new_tokens), sampler.pad_token, jnp.int32),
-        logprobs_BT=jnp.zeros((batch, sampler.max_new_tokens), jnp.float32),
-        mask_BT=jnp.zeros((batch, sampler.max_new_tokens), bool),
-        cache=cache,
-    )
     emit = lambda state, logits_BV: _emit(state, logits_BV, row_keys_B, stop_BM, sampler)
-    state = emit(state, logits_BV)
+    state = emit(_initial_state(cache, batch, sampler), logits_BV)
     for last_step in decode_segments(sampler.max_new_tokens, sampler.decode_buckets):
         # Step t feeds token t-1 into slot prompt_len + t - 1, so up to `last_step` the
         # attended slots are bounded by prompt_len + last_step.
@@ -183,6 +174,19 @@ def sample(
 
 jit_sample = jax.jit(sample, static_argnames=("config", "sampler", "group_size", "return_cache"))
 jit_sample.__doc__ = "`sample`, compiled once per (shapes, config, sampler, group_size)."
+
+
+def _initial_state(cache: KVCache, batch: int, sampler: SamplerConfig) -> _DecodeState:
+    shape_BT = (batch, sampler.max_new_tokens)
+    return _DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        last_B=jnp.zeros((batch,), jnp.int32),
+        done_B=jnp.zeros((batch,), bool),
+        tokens_BT=jnp.full(shape_BT, sampler.pad_token, jnp.int32),
+        logprobs_BT=jnp.zeros(shape_BT, jnp.float32),
+        mask_BT=jnp.zeros(shape_BT, bool),
+        cache=cache,
+    )
 
 
 def prefill(config, params, prompt_tokens_PT, prompt_mask_PT, sampler):
