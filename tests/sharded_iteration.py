@@ -60,7 +60,13 @@ def summary(state, metrics, reference=None):
 
 def main(workdir):
     config = config_lib.load_config(TINY)
-    config_lib.apply_overrides(config, ["game.num_queries=4", "game.answers_per_query=2"])
+    # Adam's first step is lr * g / (|g| + eps): for eps << |g| it is ~lr * sign(g) and
+    # amplifies float noise in tiny gradients. A large eps makes the update linear in
+    # the gradient, so comparing parameters compares the gradients the meshes computed.
+    config_lib.apply_overrides(
+        config,
+        ["game.num_queries=4", "game.answers_per_query=2", "optim.eps=1.0", "optim.lr=0.1"],
+    )
     run = loop.build_run(config)
     run.config = config
     results = {}

@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
         weight_decay=0.0,
         b1=0.9,
         b2=0.999,
+        eps=1e-8,
         grad_accum=1,
     )
     c.train = dict(

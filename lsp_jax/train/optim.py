@@ -41,6 +41,7 @@ def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
             learning_rate_schedule(optim, num_steps),
             b1=optim.b1,
             b2=optim.b2,
+            eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
     )
