@@ -97,11 +97,12 @@ class Attention(nn.Module):
           x_BTD: input activations.
           angles_BTh: rotary angles of the T positions.
           mask_BTS: which key slots each query may attend to (S = T without a cache).
-          kv: optional (k_BSKH, v_BSKH) cache of this layer.
-          write_index: int32 [] slot where the T new keys are written into the cache.
+          kv: optional (k_BSKH, v_BSKH) cache of this layer (read only).
+          write_index: int32 [] slot of the first of the T new keys.
 
         Returns:
-          (out_BTD, kv'), kv' being the updated cache (None without a cache).
+          (out_BTD, kv'): kv' = (k_BTKH, v_BTKH), the new keys and values for the caller
+          to write at `write_index` (None without a cache).
         """
         dim = x_BTD.shape[-1]
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
@@ -123,17 +124,17 @@ class Attention(nn.Module):
             out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
         else:
             k_BSKH, v_BSKH = kv
+            kv = (k_BTKH.astype(k_BSKH.dtype), v_BTKH.astype(v_BSKH.dtype))
+            # Attend over a copy of the first `bound` slots with the new keys in place;
+            # the cache itself gets only the T new entries (written once for all layers
+            # by the caller), so a decode step does not copy the whole cache.
+            bound = mask_BTS.shape[-1]
             start = (0, write_index, 0, 0)
-            k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, k_BTKH.astype(k_BSKH.dtype), start)
-            v_BSKH = jax.lax.dynamic_update_slice(v_BSKH, v_BTKH.astype(v_BSKH.dtype), start)
+            k_BSKH = jax.lax.dynamic_update_slice(k_BSKH[:, :bound], kv[0], start)
+            v_BSKH = jax.lax.dynamic_update_slice(v_BSKH[:, :bound], kv[1], start)
             k_BSKH, v_BSKH = constrain(k_BSKH, BTKH), constrain(v_BSKH, BTKH)
-            kv = (k_BSKH, v_BSKH)
-            bound = mask_BTS.shape[-1]  # Attend only to the first `bound` slots.
             out_BTNH = attend(
-                q_BTNH,
-                k_BSKH[:, :bound].astype(self.dtype),
-                v_BSKH[:, :bound].astype(self.dtype),
-                mask_BTS,
+                q_BTNH, k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype), mask_BTS
             )
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, wo_NHD.astype(self.dtype))
         return out_BTD, kv

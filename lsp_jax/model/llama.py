@@ -40,6 +40,15 @@ def init_cache(config: LlamaConfig, batch: int, num_slots: int, dtype=None) -> K
     )
 
 
+def _write_cache(kv_all, new_kv, write_index):
+    """Writes every layer's T new keys and values ([L, B, T, K, H]) into the cache at
+    slot `write_index` with one in-place update each (None without a cache)."""
+    if kv_all is None:
+        return None
+    start = (0, 0, write_index, 0, 0)
+    return tuple(jax.lax.dynamic_update_slice(a, n, start) for a, n in zip(kv_all, new_kv))
+
+
 def default_positions(mask_BT, offset_B=None):
     """Positions of a left-padded batch: real tokens count 0, 1, ...; pads get 0."""
     positions_BT = jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1
@@ -193,7 +202,9 @@ class Llama(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            return scanned(cfg, name="layers")(x_BTD, kv_all, angles_BTh, mask_BTS, write_index)
+            layers = scanned(cfg, name="layers")
+            x_BTD, new_kv = layers(x_BTD, kv_all, angles_BTh, mask_BTS, write_index)
+            return x_BTD, _write_cache(kv_all, new_kv, write_index)
         new_k, new_v = [], []
         for i in range(cfg.num_layers):
             kv = None if kv_all is None else (kv_all[0][i], kv_all[1][i])
@@ -203,8 +214,8 @@ class Llama(nn.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        kv_all = None if kv_all is None else (jnp.stack(new_k), jnp.stack(new_v))
-        return x_BTD, kv_all
+        new_kv = None if kv_all is None else (jnp.stack(new_k), jnp.stack(new_v))
+        return x_BTD, _write_cache(kv_all, new_kv, write_index)
 
     def _head(self, x_BTD, embedding_VD):
         cfg = self.config
