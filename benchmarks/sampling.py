@@ -234,7 +234,7 @@ def step_matrices(config, params):
     """Every weight matrix a decode step multiplies by, as [in, out] numpy arrays."""
     import numpy as np
 
-    from lsp_jax.model import head_weight_DV
+    from lsp_jax.model import unembedding
 
     mats = []
     for i in range(config.num_layers):
@@ -243,7 +243,8 @@ def step_matrices(config, params):
             mats.append(np.asarray(layer["attn"][name]).reshape(config.dim, -1))
         mats.append(np.asarray(layer["attn"]["o"]).reshape(-1, config.dim))
         mats += [np.asarray(layer["mlp"][name]) for name in ("gate", "up", "down")]
-    mats.append(np.asarray(head_weight_DV(config, params)))
+    matrix, layout = unembedding(config, params)
+    mats.append(np.asarray(matrix).T if layout == "VD" else np.asarray(matrix))
     return mats
 
 

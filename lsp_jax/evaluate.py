@@ -41,7 +41,7 @@ from scipy import special
 from lsp_jax import data, winrate
 from lsp_jax.errors import UserError
 from lsp_jax.game.rewards import reward_model_scores
-from lsp_jax.model import Llama, LlamaConfig, head_weight_DV
+from lsp_jax.model import Llama, LlamaConfig, vocab_logits
 from lsp_jax.sampling import SamplerConfig, jit_sample
 
 REWARD_MODEL, PAIRWISE = "reward_model", "pairwise"
@@ -331,8 +331,7 @@ def label_logprobs_B2(config: LlamaConfig, params, tokens_BT, mask_BT, label_ids
     hidden_BTD = Llama(config).apply(
         {"params": params}, tokens_BT, mask_BT=mask_BT, return_hidden=True
     )
-    head_DV = head_weight_DV(config, params).astype(config.dtype)
-    logits_BV = jnp.einsum("BD,DV->BV", hidden_BTD[:, -1], head_DV)
+    logits_BV = vocab_logits(config, params, hidden_BTD[:, -1])
     # float32: log-softmax over the whole vocabulary, so label probabilities stay accurate.
     logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     return jnp.take(logp_BV, label_ids_2, axis=-1)

@@ -15,7 +15,7 @@ import numpy as np
 from flax import struct
 
 from lsp_jax.errors import UserError
-from lsp_jax.model import KVCache, Llama, LlamaConfig, head_weight_DV, init_cache
+from lsp_jax.model import KVCache, Llama, LlamaConfig, init_cache, vocab_logits
 
 # Stop-id padding: never equal to a token id.
 NO_STOP = -1
@@ -207,9 +207,7 @@ def prefill(config, params, prompt_tokens_PT, prompt_mask_PT, sampler):
         return_hidden=True,
     )
     # Only the last position's logits are needed: skip the [P, T, V] head matmul.
-    head_DV = head_weight_DV(config, params).astype(config.dtype)
-    logits_PV = jnp.einsum("PD,DV->PV", hidden_PTD[:, -1], head_DV)
-    return logits_PV.astype(jnp.float32), cache
+    return vocab_logits(config, params, hidden_PTD[:, -1]), cache
 
 
 def broadcast_cache(cache: KVCache, group_size: int) -> KVCache:

@@ -51,6 +51,29 @@ def test_transformers_loads_our_weights_and_logits_match(converted):
     assert reference.generation_config.eos_token_id == 2
 
 
+def test_converted_logits_match_in_float64(converted):
+    """Both sides in float64 on the converted folder: the float32 roundoff above is gone,
+    so what remains measures the conversion itself (rotary angles stay float32 in both,
+    as transformers computes them)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lsp_jax.weights import sources
+
+    reference = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float64).eval()
+    ids = smollm2.chat().render(list(smollm2.PROMPT_MESSAGES), add_generation_prompt=True)
+    assert len(ids) >= 40
+    with torch.no_grad():
+        theirs = reference(torch.tensor([ids])).logits.numpy()
+    with jax.enable_x64(True):
+        f64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+        config, params = sources.load_model(str(converted), scan_layers=True, **f64)
+        ours = np.asarray(Llama(config).apply({"params": params}, jnp.asarray([ids])))
+    assert ours.dtype == theirs.dtype == np.float64
+    assert np.abs(ours - theirs).max() < 1e-4
+    np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
+
+
 def test_transformers_tokenizer_and_chat_template_match_ours(converted):
     from transformers import AutoTokenizer
 

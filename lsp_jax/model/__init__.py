@@ -15,9 +15,10 @@ from lsp_jax.model.llama import (
     KVCache,
     Llama,
     default_positions,
-    head_weight_DV,
     init_cache,
     sequence_scores,
+    unembedding,
+    vocab_logits,
 )
 
 __all__ = [
@@ -26,7 +27,8 @@ __all__ = [
     "LlamaConfig",
     "RopeScaling",
     "default_positions",
-    "head_weight_DV",
+    "unembedding",
+    "vocab_logits",
     "init_cache",
     "sequence_scores",
 ]

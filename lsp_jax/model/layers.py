@@ -28,6 +28,12 @@ def _weight(module: nn.Module, name: str, shape, axes, param_dtype):
     return module.param(name, init, shape, param_dtype)
 
 
+def at_least_float32(dtype):
+    """float32 for bf16/f16/f32 activations, float64 for a float64 model (a reference
+    run that compares against transformers in float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale."""
 
@@ -39,10 +45,11 @@ class RMSNorm(nn.Module):
     def __call__(self, x_BTD):
         init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
         scale_D = self.param("scale", init, (x_BTD.shape[-1],), self.param_dtype)
-        # Statistics in float32: a bf16 mean of squares loses most of its mantissa.
-        x_BTD = x_BTD.astype(jnp.float32)
+        # Statistics in float32 at least: a bf16 mean of squares loses most of its mantissa.
+        stats = at_least_float32(self.dtype)
+        x_BTD = x_BTD.astype(stats)
         x_BTD = x_BTD * jax.lax.rsqrt(jnp.mean(x_BTD**2, axis=-1, keepdims=True) + self.eps)
-        scale_11D = scale_D.astype(jnp.float32).reshape((1,) * (x_BTD.ndim - 1) + (-1,))
+        scale_11D = scale_D.astype(stats).reshape((1,) * (x_BTD.ndim - 1) + (-1,))
         return (x_BTD * scale_11D).astype(self.dtype)
 
 
@@ -54,10 +61,12 @@ def rope_angles(positions_BT, inv_freq_h):
 
 def apply_rope(x_BTNH, angles_BTh):
     """Rotates the two halves of the head dimension (Hugging Face's half-split layout)."""
-    # In float32: angles at positions ~1e5 lose the low bits that set the rotation.
-    sin_BT1h = jnp.sin(angles_BTh)[:, :, None, :]
-    cos_BT1h = jnp.cos(angles_BTh)[:, :, None, :]
-    x1_BTNh, x2_BTNh = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    # Angles in float32 (as transformers): at positions ~1e5 lower precision loses the
+    # low bits that set the rotation. The rotation itself in float32 at least.
+    wide = at_least_float32(x_BTNH.dtype)
+    sin_BT1h = jnp.sin(angles_BTh).astype(wide)[:, :, None, :]
+    cos_BT1h = jnp.cos(angles_BTh).astype(wide)[:, :, None, :]
+    x1_BTNh, x2_BTNh = jnp.split(x_BTNH.astype(wide), 2, axis=-1)
     rotated_BTNH = jnp.concatenate(
         [x1_BTNh * cos_BT1h - x2_BTNh * sin_BT1h, x2_BTNh * cos_BT1h + x1_BTNh * sin_BT1h],
         axis=-1,
@@ -71,9 +80,13 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     batch, length, num_heads, head_dim = q_BTNH.shape
     num_kv = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-    # Logits and softmax in float32: bf16 logits saturate the exponent for long contexts.
+    # Logits and softmax in float32 (at least): bf16 logits saturate the exponent for long
+    # contexts.
     logits_BKGTS = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+        "BTKGH,BSKH->BKGTS",
+        q_BTKGH,
+        k_BSKH,
+        preferred_element_type=at_least_float32(q_BTKGH.dtype),
     )
     logits_BKGTS = logits_BKGTS * (head_dim**-0.5)
     logits_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], logits_BKGTS, _MASKED)

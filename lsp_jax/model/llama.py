@@ -6,7 +6,15 @@ import jax.numpy as jnp
 from flax import struct
 
 from lsp_jax.model.config import LlamaConfig
-from lsp_jax.model.layers import BTD, MLP, Attention, RMSNorm, constrain, rope_angles
+from lsp_jax.model.layers import (
+    BTD,
+    MLP,
+    Attention,
+    RMSNorm,
+    at_least_float32,
+    constrain,
+    rope_angles,
+)
 
 
 @struct.dataclass
@@ -65,11 +73,23 @@ def sequence_scores(scores_BTC, mask_BT):
     return jnp.take_along_axis(scores_BTC, last_B[:, None, None], axis=1)[:, 0]
 
 
-def head_weight_DV(config: LlamaConfig, params) -> jax.Array:
-    """The LM head matrix [D, V] (the transposed embedding when tied)."""
+def unembedding(config: LlamaConfig, params) -> tuple[jax.Array, str]:
+    """The LM head as (matrix, layout): the embedding table [V, D] ('VD') when tied, else
+    the lm_head kernel [D, V] ('DV'). Multiplying in the stored layout matters: a head
+    written as `embedding.T` makes XLA copy the transposed table (113 MB for SmolLM2) in
+    every decode step."""
     if config.tie_embeddings:
-        return params["embed"]["embedding"].T
-    return params["lm_head"]["kernel"]
+        return params["embed"]["embedding"], "VD"
+    return params["lm_head"]["kernel"], "DV"
+
+
+def vocab_logits(config: LlamaConfig, params, x_xD) -> jax.Array:
+    """Next-token logits [..., V] of final hidden states [..., D], float32 (float64 for a
+    float64 model)."""
+    matrix, layout = unembedding(config, params)
+    spec = "...D,VD->...V" if layout == "VD" else "...D,DV->...V"
+    logits = jnp.einsum(spec, x_xD, matrix.astype(config.dtype))
+    return logits.astype(at_least_float32(config.dtype))
 
 
 class Weight(nn.Module):
@@ -227,15 +247,18 @@ class Llama(nn.Module):
                 cfg.param_dtype,
                 name="score",
             )()
-            return jnp.einsum("BTD,DC->BTC", x_BTD, kernel_DC.astype(cfg.dtype)).astype(jnp.float32)
+            scores = jnp.einsum("BTD,DC->BTC", x_BTD, kernel_DC.astype(cfg.dtype))
+            return scores.astype(at_least_float32(cfg.dtype))
         if cfg.tie_embeddings:
-            head_DV = embedding_VD.T
+            spec, matrix = "BTD,VD->BTV", embedding_VD
         else:
-            head_DV = Weight(
+            spec = "BTD,DV->BTV"
+            matrix = Weight(
                 "kernel",
                 (cfg.dim, cfg.vocab_size),
                 ("embed", "vocab"),
                 cfg.param_dtype,
                 name="lm_head",
             )()
-        return jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(cfg.dtype)).astype(jnp.float32)
+        logits = jnp.einsum(spec, x_BTD, matrix.astype(cfg.dtype))
+        return logits.astype(at_least_float32(cfg.dtype))

@@ -20,7 +20,7 @@ from lsp_jax import rl, sampling
 from lsp_jax.game import rewards
 from lsp_jax.game.advantages import advantages, group_stats
 from lsp_jax.game.splice import content_lengths, splice_segments
-from lsp_jax.model import Llama, LlamaConfig, head_weight_DV, init_cache
+from lsp_jax.model import Llama, LlamaConfig, init_cache, unembedding, vocab_logits
 
 
 @struct.dataclass
@@ -83,13 +83,29 @@ def init_state(params, optimizer, seed: int) -> TrainState:
 
 
 def lsp_step(state: TrainState, frozen: Frozen, *, cfg: StepConfig, optimizer):
-    """One self-play iteration. Returns (state', metrics dict, rollout dict)."""
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    k_challenger, k_solver, k_judge = jax.random.split(rng, 3)
-    t = frozen.templates
-    params = state.params
+    """One self-play iteration. Returns (state', metrics dict, rollout dict).
 
-    queries = challenger_rollout(cfg, params, frozen, k_challenger, state.step)
+    The phases below are separate functions so that `lsp_jax.train.phases` can also run
+    them as separate programs and time them; here they trace into one program.
+    """
+    k_challenger, k_solver, k_judge = phase_keys(state)
+    queries = challenger_rollout(cfg, state.params, frozen, k_challenger, state.step)
+    solver = solver_rollout(cfg, state.params, frozen, queries, k_solver)
+    scores = score_answers(cfg, frozen, queries, solver["answers"], k_judge)
+    reference = reference_logprobs(cfg, frozen, queries, solver)
+    return update(cfg, optimizer, state, queries, solver, scores, reference)
+
+
+def phase_keys(state: TrainState):
+    """(Challenger, Solver, judge) sampling keys of this iteration."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return tuple(jax.random.split(rng, 3))
+
+
+def solver_rollout(cfg: StepConfig, params, frozen: Frozen, queries, rng):
+    """G answers to each query: the queries spliced into the Solver's chat turn, each
+    prompt prefilled once for its G rows."""
+    t = frozen.templates
     prompt_NP, prompt_mask_NP = splice_segments(
         [t.user_prefix, (queries["tokens"], queries["content_lengths"]), t.user_suffix],
         pad_id=cfg.pad_id,
@@ -99,21 +115,42 @@ def lsp_step(state: TrainState, frozen: Frozen, *, cfg: StepConfig, optimizer):
         params,
         prompt_NP,
         prompt_mask_NP,
-        k_solver,
+        rng,
         cfg.solver,
         group_size=cfg.answers_per_query,
     )
-    reward_NG, quality_NG, judge_metrics = score_answers(cfg, frozen, queries, answers, k_judge)
+    return {"prompt": prompt_NP, "prompt_mask": prompt_mask_NP, "answers": answers}
 
-    # Role batches: (prompt, prompt mask, completion, completion mask, sampler log-probs).
-    solver_rows = (prompt_NP, prompt_mask_NP, answers.tokens_BT, answers.mask_BT)
-    challenger_rows = queries.get("rows")
+
+def _role_rows(queries, solver):
+    """(Solver rows, Challenger rows or None): (prompt, prompt mask, completion,
+    completion mask) of each role's batch."""
+    answers = solver["answers"]
+    solver_rows = (solver["prompt"], solver["prompt_mask"], answers.tokens_BT, answers.mask_BT)
+    return solver_rows, queries.get("rows")
+
+
+def reference_logprobs(cfg: StepConfig, frozen: Frozen, queries, solver):
+    """The frozen reference model's log-probs of the answers [B, A] and (not GRPO) of
+    the queries [N, Q], for the KL terms."""
+    solver_rows, challenger_rows = _role_rows(queries, solver)
     ref_sol_BA = completion_logprobs(cfg.reference, frozen.ref_params, *solver_rows, cfg)
     ref_ch_NQ = (
         None
         if challenger_rows is None
         else completion_logprobs(cfg.reference, frozen.ref_params, *challenger_rows, cfg)
     )
+    return {"solver": ref_sol_BA, "challenger": ref_ch_NQ}
+
+
+def update(cfg: StepConfig, optimizer, state: TrainState, queries, solver, scores, reference):
+    """Advantages, the LSP loss, its gradient and the optax update; (state', metrics,
+    rollout)."""
+    params = state.params
+    answers = solver["answers"]
+    reward_NG, quality_NG, judge_metrics = scores
+    ref_sol_BA, ref_ch_NQ = reference["solver"], reference["challenger"]
+    solver_rows, challenger_rows = _role_rows(queries, solver)
     if cfg.kl_estimator == "in_reward":
         seq_logratio_NG = rl.sequence_logratio(
             answers.logprobs_BT, ref_sol_BA, answers.mask_BT
@@ -265,8 +302,7 @@ def judge_scores(cfg: StepConfig, ref_params, tokens_BT, mask_BT, templates, rng
         last_BD = forward_with_prefix(
             cfg.reference, ref_params, prefix_1P, prefix_mask_1P, tokens_BT, mask_BT
         )[1]
-        head_DV = head_weight_DV(cfg.reference, ref_params).astype(cfg.reference.dtype)
-        logits_BV = jnp.einsum("BD,DV->BV", last_BD, head_DV)
+        logits_BV = vocab_logits(cfg.reference, ref_params, last_BD)
         return rewards.expected_judge_score(logits_BV, templates.digit_ids), {}
     batch = tokens_BT.shape[0]
     full_BT = jnp.concatenate(
@@ -326,17 +362,17 @@ def completion_logprobs(model_cfg, params, prompt_PT, prompt_mask_PT, tokens_BA,
     )
     # Token 0 is predicted by the prompt's last position, token t by completion t - 1.
     hidden_BAD = jnp.concatenate([prefix_last_BD[:, None], hidden_BAD[:, :-1]], axis=1)
-    head_DV = head_weight_DV(model_cfg, params)
     if cfg.logprob_chunk:
+        matrix, layout = unembedding(model_cfg, params)
         return rl.chunked_token_logprobs(
             hidden_BAD,
-            head_DV.astype(model_cfg.dtype),
+            matrix.astype(model_cfg.dtype),
             tokens_BA,
-            layout="DV",
+            layout=layout,
             chunk=cfg.logprob_chunk,
             temperature=cfg.solver.temperature,
         )
-    logits_BAV = jnp.einsum("BAD,DV->BAV", hidden_BAD, head_DV.astype(model_cfg.dtype))
+    logits_BAV = vocab_logits(model_cfg, params, hidden_BAD)
     return rl.token_logprobs(logits_BAV, tokens_BA, temperature=cfg.solver.temperature)
 
 
