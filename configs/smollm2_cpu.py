@@ -32,4 +32,6 @@ def get_config(arg=None):
     c.train.num_steps = 4
     c.train.checkpoint_every = 2
     c.train.keep_checkpoints = 2
+    # Print where the time goes once, at the last iteration (lsp_jax.train.phases).
+    c.train.phase_times_every = 4
     return c

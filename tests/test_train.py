@@ -95,6 +95,43 @@ def test_resume_gives_bitwise_the_uninterrupted_run(tmp_path):
     assert max(steps) == 6
 
 
+def test_phase_split_and_periodic_eval_are_logged(tmp_path):
+    import json
+
+    config = tiny_config(
+        **{
+            "train.num_steps": 2,
+            "train.phase_times_every": 2,
+            "eval.every": 2,
+            "eval.num_prompts": 2,
+            "eval.max_new_tokens": 3,
+        }
+    )
+    lines = []
+    assert loop.train(config, str(tmp_path), log=lines.append) == 0
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith(("time/phase/", "eval/")) for k in rows[0])
+    phases = ("challenger", "solver", "rewards", "reference", "update")
+    seconds = [rows[1][f"time/phase/{p}_s"] for p in phases]
+    fractions = [rows[1][f"time/phase/{p}_frac"] for p in phases]
+    assert all(s > 0 for s in seconds)
+    np.testing.assert_allclose(fractions, np.array(seconds) / sum(seconds), rtol=1e-6)
+    assert 0.0 <= rows[1]["eval/win_rate"] <= 100.0
+    assert rows[1]["eval/avg_length_policy"] > 0
+
+
+def test_eval_slice_is_held_out_of_grpo_training():
+    held = loop.eval_indices(260, 16)
+    assert len(set(held)) == 16 and held[0] == 0 and held[-1] < 260
+    config = tiny_config(**{"game.mode": "grpo", "eval.every": 5, "eval.num_prompts": 16})
+    chat = sources.load_chat_template(config.model.source)
+    tokens, lengths = loop.grpo_prompts(config, chat, 32)
+    assert len(lengths) == 260 - 16
+    eval_first = chat.tokenizer.encode(loop.eval_prompts(config)[0].text)[:32]
+    rows = [list(tokens[i, : lengths[i]]) for i in range(len(lengths))]
+    assert eval_first not in rows
+
+
 def _spawn(workdir, *extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["LSP_JAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or "0"

@@ -72,6 +72,9 @@ def default_config() -> ml_collections.ConfigDict:
         export_every=0,  # 0: export only at the end.
         steps_per_jit=1,
         samples_to_log=2,
+        # Every N iterations, also time the phases as separate programs (0: never).
+        # Costs one extra compile per phase and one extra iteration's work each time.
+        phase_times_every=0,
     )
     c.mesh = dict(
         shape=(1, -1, 1),  # ('data', 'fsdp', 'tensor'); -1 takes the remaining devices.

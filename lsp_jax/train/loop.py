@@ -18,6 +18,7 @@ from lsp_jax.errors import UserError
 from lsp_jax.game.advantages import check_group_size, check_mode
 from lsp_jax.game.templates import TemplateTexts, build_templates
 from lsp_jax.rl import check_loss_options
+from lsp_jax.train import phases
 from lsp_jax.train import placement as placement_lib
 from lsp_jax.train.optim import make_optimizer
 from lsp_jax.train.step import Frozen, StepConfig, init_state
@@ -258,6 +259,9 @@ def grpo_prompts(config, chat, max_tokens):
     from lsp_jax import data
 
     prompts = data.load_prompts(config.data.prompts, data_dir=config.data.tfds_data_dir or None)
+    if config.eval.every and config.eval.prompts == config.data.prompts:
+        held_out = set(eval_indices(len(prompts), config.eval.num_prompts))
+        prompts = [p for i, p in enumerate(prompts) if i not in held_out]
     rng = np.random.default_rng(config.data.shuffle_seed)
     order = rng.permutation(len(prompts))
     tokens = np.full((len(prompts), max_tokens), chat.tokenizer.pad_id, np.int32)
@@ -269,11 +273,66 @@ def grpo_prompts(config, chat, max_tokens):
     return tokens, lengths
 
 
+def eval_indices(num_prompts: int, count: int) -> list[int]:
+    """The held-out slice for `eval.every`: `count` prompts spread evenly over the set
+    (every k-th, so each category of the shipped set is represented). GRPO runs on the
+    same prompt file leave these out of training."""
+    count = min(count, num_prompts)
+    return [i * num_prompts // count for i in range(count)]
+
+
+def eval_prompts(config):
+    from lsp_jax import data
+
+    prompts = data.load_prompts(config.eval.prompts, data_dir=config.data.tfds_data_dir or None)
+    return [prompts[i] for i in eval_indices(len(prompts), config.eval.num_prompts)]
+
+
+def run_eval(config, run: Run, state, step: int, log) -> dict:
+    """Win rate of the current policy against the reference on the held-out slice,
+    judged pairwise by the reference (both orders); metrics under 'eval/'."""
+    from lsp_jax import evaluate, winrate
+
+    if jax.process_count() > 1:
+        log("eval.every: skipped, periodic evaluation runs on single-host runs only.")
+        return {}
+    start = time.perf_counter()
+    chat = sources.load_chat_template(run.source)
+    summary = evaluate.evaluate_policy(
+        run.step_cfg.policy,
+        state.params,
+        run.frozen.ref_params,
+        chat,
+        eval_prompts(config),
+        max_new_tokens=config.eval.max_new_tokens,
+        seed=step,
+    )
+    overall = summary[winrate.OVERALL]
+    low, high = overall["win_rate_ci"]
+    log(
+        f"  eval at iteration {step}: win rate vs reference {overall['win_rate']:.1f}% "
+        f"[{low:.1f}, {high:.1f}] on {overall['n']} held-out prompts "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
+    return {
+        "eval/win_rate": overall["win_rate"],
+        "eval/lc_win_rate": overall["lc_win_rate"],
+        "eval/avg_length_policy": overall["avg_length_model"],
+        "eval/avg_length_reference": overall["avg_length_baseline"],
+        "eval/seconds": time.perf_counter() - start,
+    }
+
+
 def compile_step(run: Run, placement, state, num_iterations: int):
     """(compiled iteration, seconds): `num_iterations` iterations per call."""
     return placement_lib.compile_iterations(
         run.step_cfg, run.optimizer, placement, state, run.frozen, num_iterations
     )
+
+
+def _due(every: int, step: int, k: int) -> bool:
+    """Whether a multiple of `every` lies in the k iterations ending at `step`."""
+    return bool(every) and step // every > (step - k) // every
 
 
 class _StopFlag:
@@ -336,6 +395,7 @@ def _loop(config, workdir, run, placement, state, manager, writer, stop, log):
     t = config.train
     step = int(state.step)
     compiled = {}
+    timer = None  # PhaseTimer, made when first needed.
     progress = tqdm(
         disable=None if jax.process_index() == 0 else True,
         total=t.num_steps,
@@ -352,11 +412,20 @@ def _loop(config, workdir, run, placement, state, manager, writer, stop, log):
         state, metrics, rollout = compiled[k](state, run.frozen)
         metrics, rollout = jax.device_get((metrics, rollout))
         elapsed = time.perf_counter() - start
+        phase_times = {}
+        if _due(t.phase_times_every, step + k, k):
+            timer = timer or phases.PhaseTimer(run.step_cfg, run.optimizer, placement)
+            phase_times = timer(state, run.frozen)
+            progress.write(phases.summary(phase_times, elapsed / k))
         for i in range(k):
             step += 1
             row = {key: value[i] for key, value in metrics.items()}
             row["time/step_s"] = elapsed / k
             row["throughput/tokens_per_s"] = row["tokens/generated"] / (elapsed / k)
+            if i == k - 1:
+                row.update(phase_times)
+                if _due(config.eval.every, step, k):
+                    row.update(run_eval(config, run, state, step, progress.write))
             if step % t.log_every == 0 or step == t.num_steps:
                 writer.write_metrics(step, row)
                 progress.write(metrics_lib.summary_line(step, row, SUMMARY_KEYS))
