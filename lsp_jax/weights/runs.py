@@ -55,6 +55,7 @@ def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
     """(LlamaConfig, params) of a run's checkpoint (the latest, or the step folder given)."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
     import orbax.checkpoint as ocp
     from flax.linen import meta
 
@@ -80,11 +81,14 @@ def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
         step,
         args=ocp.args.PyTreeRestore(
             item={"params": abstract},
-            restore_args={"params": jax.tree.map(lambda _: ocp.RestoreArgs(), abstract)},
+            # Host numpy arrays: independent of the mesh the run was saved on.
+            restore_args={
+                "params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+            },
             partial_restore=True,
         ),
     )
-    params = jax.tree.map(lambda x: jax.device_get(x), restored["params"])
+    params = restored["params"]
     if scan_layers and not saved.scan_layers:
         params = stack_layers(params)
     elif saved.scan_layers and not scan_layers:
