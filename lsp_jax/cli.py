@@ -51,8 +51,25 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def cpu_only_without_accelerators() -> None:
+    """On a machine with no TPU and no GPU device files, JAX's CPU backend is the only
+    one that can work; choosing it up front keeps an installed libtpu (jax[tpu], for
+    `lsp-jax aot`) from probing for TPUs and printing pages of warnings. A JAX_PLATFORMS
+    set by the user wins; nothing changes once JAX is imported."""
+    import glob
+    import os
+
+    if os.environ.get("JAX_PLATFORMS") or "jax" in sys.modules:
+        return
+    devices = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+    if not any(glob.glob(pattern) for pattern in devices):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if next((a for a in argv if not a.startswith("-")), None) != "aot":
+        cpu_only_without_accelerators()
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     # Only `train` takes free-form `--config.a.b=v` overrides; elsewhere extras are errors.
