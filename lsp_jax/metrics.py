@@ -3,8 +3,14 @@
 import json
 import math
 import os
+import secrets
+import shutil
+import tempfile
+import time
 
 import numpy as np
+
+from lsp_jax import paths
 
 
 def _jsonable(value):
@@ -17,13 +23,28 @@ def _jsonable(value):
 
 class MetricsWriter:
     """Appends one JSON line per step to WORKDIR/metrics.jsonl and WORKDIR/samples.jsonl,
-    and writes TensorBoard events (tensorboardX, no TensorFlow) to WORKDIR/tensorboard."""
+    and writes TensorBoard events (tensorboardX, no TensorFlow) to WORKDIR/tensorboard.
+
+    WORKDIR may be a URI (gs://bucket/run, see lsp_jax.paths). Object stores cannot
+    append, so there each JSONL file is kept in memory (with the lines already there when
+    a run resumes) and rewritten whole at every write, and the events are written to a
+    local temporary file copied up after every flush. A rewrite costs the size of the
+    file: fine for thousands of lines, and GCS allows about one write per second to one
+    object, so log every step only when a step takes a second or more.
+    """
 
     def __init__(self, workdir: str, *, tensorboard: bool = True):
+        self._tb = None
+        if paths.is_remote(workdir):
+            paths.check_backend(workdir)
+            self._metrics = _RewrittenObject(paths.join(workdir, "metrics.jsonl"))
+            self._samples = _RewrittenObject(paths.join(workdir, "samples.jsonl"))
+            if tensorboard:
+                self._tb = _StagedTensorBoard(paths.join(workdir, "tensorboard"))
+            return
         os.makedirs(workdir, exist_ok=True)
         self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
         self._samples = open(os.path.join(workdir, "samples.jsonl"), "a", encoding="utf-8")
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -49,6 +70,60 @@ class MetricsWriter:
         self._samples.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class _RewrittenObject:
+    """A text file on an object store, written like a file opened in append mode: the
+    whole content (earlier lines included) is rewritten as one object at each flush."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._data = bytearray(paths.read_bytes(path) if paths.exists(path) else b"")
+        self._dirty = False
+
+    def write(self, text: str) -> None:
+        self._data += text.encode("utf-8")
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            paths.write_bytes(self._path, bytes(self._data))
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _StagedTensorBoard:
+    """TensorBoard scalars for a remote folder: events written synchronously to a local
+    temporary file (tensorboardX's SummaryWriter writes from a thread, so a copy made after
+    its flush could miss the last events), the file copied up after each flush."""
+
+    def __init__(self, remote_dir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        self._remote_dir = remote_dir
+        self._local_dir = tempfile.mkdtemp(prefix="lsp_jax_tensorboard_")
+        # The name holds the time in seconds and the host; the random suffix keeps a run
+        # resumed within the same second from replacing the earlier events object.
+        suffix = "." + secrets.token_hex(4)
+        self._events = EventsWriter(os.path.join(self._local_dir, "events"), suffix)
+
+    def add_scalar(self, tag: str, value, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        event = Event(wall_time=time.time(), step=int(step), summary=scalar(tag, value))
+        self._events.write_event(event)
+
+    def flush(self) -> None:
+        self._events.flush()
+        paths.upload_tree(self._local_dir, self._remote_dir)
+
+    def close(self) -> None:
+        self._events.close()
+        paths.upload_tree(self._local_dir, self._remote_dir)
+        shutil.rmtree(self._local_dir, ignore_errors=True)
 
 
 def summary_line(step: int, metrics: dict, keys: tuple[str, ...]) -> str:

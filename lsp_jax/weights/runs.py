@@ -3,8 +3,8 @@ gives the policy weights of that checkpoint, and the tokenizer of the model it
 started from."""
 
 import json
-import os
 
+from lsp_jax import paths
 from lsp_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -12,41 +12,40 @@ RUN_FILE = "run.json"  # Written by the trainer: the model source and its archit
 
 
 def write_run_info(workdir, info: dict) -> None:
-    """Writes WORKDIR/run.json atomically."""
-    path = os.path.join(workdir, RUN_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp, path)
+    """Writes WORKDIR/run.json atomically (a renamed temporary file locally, one object
+    write on a store such as gs://)."""
+    paths.write_text(paths.join(workdir, RUN_FILE), json.dumps(info, indent=2))
 
 
 def read_run_info(workdir) -> dict:
-    path = os.path.join(workdir, RUN_FILE)
-    if not os.path.isfile(path):
+    path = paths.join(workdir, RUN_FILE)
+    if not paths.isfile(path):
         raise UserError(f"{workdir} is not an lsp_jax run folder: {RUN_FILE} is missing.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path))
 
 
 def find_run(path) -> tuple[str, int | None] | None:
-    """(workdir, step) if `path` is a run workdir or one of its step folders, else None."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isfile(os.path.join(path, RUN_FILE)):
+    """(workdir, step) if `path` is a run workdir or one of its step folders, else None.
+    Local paths come back absolute; URIs (gs://...) without trailing slashes."""
+    path = paths.normalize(path)
+    if paths.isfile(paths.join(path, RUN_FILE)):
         return path, None
-    parent = os.path.dirname(path)
-    if os.path.basename(parent) == CHECKPOINT_DIR and os.path.basename(path).isdigit():
-        workdir = os.path.dirname(parent)
-        if os.path.isfile(os.path.join(workdir, RUN_FILE)):
-            return workdir, int(os.path.basename(path))
+    parent = paths.dirname(path)
+    if paths.basename(parent) == CHECKPOINT_DIR and paths.basename(path).isdigit():
+        workdir = paths.dirname(parent)
+        if paths.isfile(paths.join(workdir, RUN_FILE)):
+            return workdir, int(paths.basename(path))
     return None
 
 
 def checkpoint_manager(workdir, *, keep: int | None = None):
     """Orbax manager over WORKDIR/checkpoints. Orbax writes each step to a temporary
-    folder and renames it when complete, so a killed save never looks like a checkpoint."""
+    folder and renames it when complete, so a killed save never looks like a checkpoint
+    (on GCS it marks complete steps with a commit file instead)."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(os.path.join(os.fspath(workdir), CHECKPOINT_DIR))
+    paths.check_backend(workdir)
+    directory = paths.normalize(paths.join(workdir, CHECKPOINT_DIR))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     return ocp.CheckpointManager(directory, options=options)
 
