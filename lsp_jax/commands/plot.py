@@ -7,10 +7,12 @@ against step. Keys without a slash go into the group "other". When a resumed run
 again, its last value is kept.
 """
 
+import io
 import json
 import math
 import os
 
+from lsp_jax import paths
 from lsp_jax.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -25,7 +27,8 @@ def add_arguments(parser):
 def read_metrics(path):
     """Reads metrics.jsonl into {key: {step: value}} (non-numeric values are skipped)."""
     series = {}
-    with open(path, encoding="utf-8") as f:
+    # newline=None: universal newlines, as open() in text mode.
+    with io.StringIO(paths.read_text(path), newline=None) as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -82,8 +85,8 @@ def plot_group(group, keys, series, path):
 
 def plot_metrics(workdir, out_dir=None):
     """Writes one PNG per metric group; returns the paths in group order."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.isfile(path):
+    path = paths.join(workdir, METRICS_FILE)
+    if not paths.isfile(path):
         raise UserError(
             f"No {METRICS_FILE} in {workdir}: pass the workdir of a training run "
             "(`lsp-jax train ... --workdir DIR` writes DIR/metrics.jsonl)."
@@ -91,14 +94,15 @@ def plot_metrics(workdir, out_dir=None):
     series = read_metrics(path)
     if not series:
         raise UserError(f"{path} holds no numeric metrics to plot.")
-    out_dir = out_dir or os.path.join(workdir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for group, keys in group_keys(series).items():
-        png = os.path.join(out_dir, group.replace(os.sep, "_") + ".png")
-        plot_group(group, keys, series, png)
-        paths.append(png)
-    return paths
+    out_dir = out_dir or paths.join(workdir, "plots")
+    written = []
+    with paths.staging_dir(out_dir) as local_dir:  # Uploaded at the end if out_dir is remote.
+        os.makedirs(local_dir, exist_ok=True)
+        for group, keys in group_keys(series).items():
+            name = group.replace(os.sep, "_") + ".png"
+            plot_group(group, keys, series, os.path.join(local_dir, name))
+            written.append(paths.join(out_dir, name))
+    return written
 
 
 def run(args):

@@ -3,7 +3,6 @@
 import dataclasses
 import functools
 import json
-import os
 import signal
 import time
 
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from lsp_jax import checkpoint, sampling, sharding
+from lsp_jax import checkpoint, paths, sampling, sharding
 from lsp_jax import metrics as metrics_lib
 from lsp_jax.errors import UserError
 from lsp_jax.game.advantages import check_group_size, check_mode
@@ -348,7 +347,7 @@ class _StopFlag:
 def train(config, workdir: str, *, log=print) -> int:
     """Trains until config.train.num_steps iterations; resumes from WORKDIR if it holds
     a checkpoint. Returns a process exit code (143 when stopped by SIGTERM)."""
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)  # A gs:// workdir: checks gcsfs is installed, before any work.
     # Installed first, so that a preemption while loading or compiling also ends cleanly.
     stop = _StopFlag()
     previous = signal.signal(signal.SIGTERM, stop)
@@ -461,11 +460,12 @@ def export(workdir, run: Run, params, step: int, log) -> str:
 
     from lsp_jax.commands.convert import export_folder
 
-    path = os.path.join(workdir, "export", f"step_{step:06d}")
+    path = paths.join(workdir, "export", f"step_{step:06d}")
     # Every host takes part in gathering the sharded parameters; the first one writes.
     params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
-        export_folder(run.source, path, run.step_cfg.policy, params)
+        with paths.staging_dir(path) as local:  # Written locally, then uploaded if remote.
+            export_folder(run.source, local, run.step_cfg.policy, params)
         log(f"Exported Hugging Face folder: {path}")
     return path
 
