@@ -74,25 +74,34 @@ def _dtype(name: str):
         raise UserError(f"Unknown dtype {name!r}; use float32 or bfloat16.") from None
 
 
-def build_run(config) -> Run:
-    """Loads every model the run needs and builds the static step configuration."""
+def build_run(config, mesh=None) -> Run:
+    """Loads every model the run needs and builds the static step configuration.
+
+    With a mesh, weights are loaded straight into their shardings: each host reads only
+    the slices of the checkpoint its devices hold (Hugging Face and GGUF sources).
+    Without one, params are host arrays.
+    """
     check_config(config)
     m = config.model
-    dtypes = dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
-    policy_cfg, params = sources.load_model(m.source, **dtypes, scan_layers=m.scan_layers)
+    shardings = None
+    if mesh is not None:
+        rules = mesh_rules(config)
+        shardings = lambda cfg: sharding.logical_shardings(
+            placement_lib.boxed_params(cfg), mesh, rules
+        )
+    load = functools.partial(sources.load_model, scan_layers=m.scan_layers, shardings=shardings)
+    policy_cfg, params = load(m.source, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
     chat = sources.load_chat_template(m.source)
     frozen_dtypes = _frozen_dtypes(m)
-    ref_cfg, ref_params = policy_cfg.replace(**frozen_dtypes), params
     if m.reference:
-        ref_cfg, ref_params = sources.load_model(
-            m.reference, **frozen_dtypes, scan_layers=m.scan_layers
-        )
-    ref_params = jax.tree.map(lambda x: np.asarray(x, ref_cfg.param_dtype), ref_params)
+        ref_cfg, ref_params = load(m.reference, **frozen_dtypes)
+    else:
+        # A copy (the policy's buffers are donated to the step), cast to the frozen dtype.
+        ref_cfg = policy_cfg.replace(**frozen_dtypes)
+        ref_params = jax.tree.map(lambda x: _copy_as(x, ref_cfg.param_dtype), params)
     rm_cfg, rm_params, rm_chat = None, None, None
     if config.reward.kind == "model":
-        rm_cfg, rm_params = sources.load_model(
-            config.reward.model, **frozen_dtypes, scan_layers=m.scan_layers
-        )
+        rm_cfg, rm_params = load(config.reward.model, **frozen_dtypes)
         if not rm_cfg.is_classifier:
             raise UserError(f"reward.model={config.reward.model} is not a sequence classifier.")
         rm_chat = sources.load_chat_template(config.reward.model)
@@ -105,6 +114,12 @@ def build_run(config) -> Run:
     )
     optimizer = make_optimizer(config.optim, config.train.num_steps)
     return Run(step_cfg, optimizer, frozen, params, chat.tokenizer, m.source)
+
+
+def _copy_as(x, dtype):
+    if isinstance(x, jax.Array):
+        return jnp.array(x, dtype=dtype, copy=True)  # Keeps its sharding.
+    return np.array(x, dtype=dtype, copy=True)
 
 
 def _frozen_dtypes(model_config) -> dict:
@@ -359,7 +374,8 @@ def train(config, workdir: str, *, log=print) -> int:
 
 def _train(config, workdir, stop, log):
     t = config.train
-    run = build_run(config)
+    mesh = make_mesh(config)
+    run = build_run(config, mesh)
     policy = run.step_cfg.policy
     lead = jax.process_index() == 0  # On a pod, one host writes logs and exports.
     if not lead:
@@ -372,7 +388,6 @@ def _train(config, workdir, stop, log):
             "config": json.loads(config.to_json_best_effort()),
         }
         checkpoint.write_run_info(workdir, info)
-    mesh = make_mesh(config)
     placement = placement_lib.plan(
         run.step_cfg, run.optimizer, run.frozen, mesh, mesh_rules(config)
     )

@@ -216,17 +216,41 @@ def _tensor_nbytes(shape, ggml_type) -> int:
     return math.prod(shape) // block_size * type_size
 
 
+def _block_layout(info: TensorInfo, path: str) -> tuple[int, int]:
+    """(values per quant block, bytes per block) of a tensor's type; blocks run along
+    the innermost axis, so every row is an independent run of whole blocks."""
+    import gguf
+
+    try:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(info.ggml_type)]
+    except (ValueError, KeyError):
+        raise _unsupported_type(info, path) from None
+    if info.shape[-1] % block_size:
+        raise _unsupported_type(info, path)
+    return block_size, type_size
+
+
+def read_rows(file: GGUFFile, info: TensorInfo, rows, col_start: int, col_stop: int):
+    """Float32 values [len(rows), col_stop - col_start] of the given rows (indices into
+    the tensor viewed as [rows, innermost]) and columns, reading and dequantizing only
+    the quant blocks that hold them."""
+    block_size, type_size = _block_layout(info, file.path)
+    num_rows = math.prod(info.shape[:-1])
+    row_bytes = info.shape[-1] // block_size * type_size
+    data = np.frombuffer(file.buffer, np.uint8, count=info.nbytes, offset=info.offset)
+    first, last = col_start // block_size, -(-col_stop // block_size)
+    raw = data.reshape(num_rows, row_bytes)[np.asarray(rows), first * type_size : last * type_size]
+    part = dataclasses.replace(info, shape=(len(raw), (last - first) * block_size), offset=0)
+    values = dequantize(raw, part, path=file.path)
+    return values[:, col_start - first * block_size : col_stop - first * block_size]
+
+
 def dequantize(raw_bytes: np.ndarray, info: TensorInfo, *, path: str = "") -> np.ndarray:
     """Float32 values of one tensor from its raw bytes (any type gguf.quants knows)."""
     import gguf
 
-    try:
-        ggml_type = gguf.GGMLQuantizationType(info.ggml_type)
-        block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
-    except (ValueError, KeyError):
-        ggml_type = None
-    if ggml_type is None or info.shape[-1] % block_size:
-        raise _unsupported_type(info, path)
+    block_size, type_size = _block_layout(info, path)
+    ggml_type = gguf.GGMLQuantizationType(info.ggml_type)
     rows = raw_bytes.reshape(*info.shape[:-1], info.shape[-1] // block_size * type_size)
     try:
         values = gguf.quants.dequantize(rows, ggml_type)
@@ -401,6 +425,47 @@ class HFStateView(Mapping):
         return len(self.names)
 
 
+class HFSliceReader:
+    """Slices of a GGUF file's weights under Hugging Face names and layouts (float32),
+    for `lsp_jax.weights.sharded`: a slice reads and dequantizes only the rows and quant
+    blocks it covers. Rows of q/k are mapped through llama.cpp's permutation, so the
+    slice of whole heads reads exactly those heads' rows (in another order)."""
+
+    def __init__(self, file: GGUFFile, config: LlamaConfig):
+        self.file = file
+        self.names = {_hf_name(n, file.path): n for n in file.tensors if n not in _SKIPPED}
+        self.permuted_heads = {}
+        for name in self.names.values():
+            if name.endswith("attn_q.weight"):
+                self.permuted_heads[name] = config.num_heads
+            elif name.endswith("attn_k.weight"):
+                self.permuted_heads[name] = config.num_kv_heads
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        return self.file.tensors[self.names[hf_name]].shape
+
+    def read(self, hf_name: str, index: tuple[slice, ...]) -> np.ndarray:
+        from lsp_jax.weights.sharded import flat_positions, index_bounds
+
+        name = self.names[hf_name]
+        info = self.file.tensors[name]
+        bounds = index_bounds(index, info.shape)
+        rows = flat_positions(info.shape[:-1], bounds[:-1]) if len(info.shape) > 1 else [0]
+        if name in self.permuted_heads:
+            rows = self._source_rows(info, self.permuted_heads[name])[rows]
+        (col_start, col_stop), sizes = bounds[-1], [stop - start for start, stop in bounds]
+        return read_rows(self.file, info, rows, col_start, col_stop).reshape(sizes)
+
+    @staticmethod
+    def _source_rows(info: TensorInfo, num_heads: int) -> np.ndarray:
+        """source[r]: the file row that holds Hugging Face row r."""
+        rows = np.arange(info.shape[0]).reshape(-1, 1)
+        return unpermute_rope_rows(rows, num_heads)[:, 0]
+
+
 def hf_state_from_gguf(file: GGUFFile, config: LlamaConfig) -> Mapping[str, np.ndarray]:
     """All weights under Hugging Face names and layouts, float32, read lazily."""
     return HFStateView(file, config)
@@ -415,20 +480,38 @@ def _hf_name(name: str, path: str) -> str:
     raise UserError(f"{path}: unexpected tensor {name!r} for a Llama model; cannot load it.")
 
 
-def load_gguf(path, *, dtype=None, param_dtype=None, scan_layers=False):
-    """Loads a llama-architecture GGUF file as (LlamaConfig, params).
+def load_gguf_config(path, *, dtype=None, param_dtype=None, scan_layers=False) -> LlamaConfig:
+    """The LlamaConfig of a GGUF file (its header; no weights but rope_freqs are read)."""
+    return _config(read_gguf(path), dtype, param_dtype, scan_layers)
 
-    Quantized tensors are dequantized to float32 (then cast to `param_dtype`, default
-    float32); `dtype` is the compute dtype recorded in the config.
-    """
-    from lsp_jax.weights.hf import params_from_hf_state
 
-    file = read_gguf(path)
+def _config(file: GGUFFile, dtype, param_dtype, scan_layers) -> LlamaConfig:
     config = config_from_gguf(file, scan_layers=scan_layers)
     if dtype is not None:
         config = config.replace(dtype=dtype)
     if param_dtype is not None:
         config = config.replace(param_dtype=param_dtype)
+    return config
+
+
+def load_gguf(path, *, dtype=None, param_dtype=None, scan_layers=False, shardings=None):
+    """Loads a llama-architecture GGUF file as (LlamaConfig, params).
+
+    Quantized tensors are dequantized to float32 (then cast to `param_dtype`, default
+    float32); `dtype` is the compute dtype recorded in the config. With `shardings` (a
+    tree of jax.sharding.Sharding like the params, or a function config -> tree) the
+    params are global jax.Arrays and this host dequantizes only the rows and blocks its
+    devices hold (lsp_jax/weights/sharded.py).
+    """
+    from lsp_jax.weights.hf import params_from_hf_state
+
+    file = read_gguf(path)
+    config = _config(file, dtype, param_dtype, scan_layers)
+    if shardings is not None:
+        from lsp_jax.weights.sharded import params_from_slices
+
+        reader = HFSliceReader(file, config)
+        return config, params_from_slices(config, reader, shardings, source=file.path)
     state = hf_state_from_gguf(file, config)
     params = params_from_hf_state(config, state, scan_layers=scan_layers, source=file.path)
     return config, params

@@ -112,7 +112,7 @@ def _get(tree, path: tuple[str, ...]):
     return tree
 
 
-def _check_names(config: LlamaConfig, tensors: Mapping, source: str) -> None:
+def check_names(config: LlamaConfig, tensors: Iterable[str], source: str) -> None:
     """Fails on the first missing tensor, or on tensors this architecture has no place for."""
     expected = _expected_names(config)
     available = set(tensors)  # Not `in tensors`: a Mapping's default __contains__ reads.
@@ -139,16 +139,53 @@ def _architecture(config: LlamaConfig) -> str:
     return "LlamaForSequenceClassification" if config.is_classifier else "LlamaForCausalLM"
 
 
+def check_tensor_shape(name: str, found, spec: _Tensor, source: str) -> None:
+    """Raises UserError when a checkpoint tensor's shape is not the one the config implies."""
+    if tuple(found) != spec.hf_shape:
+        raise UserError(
+            f"Tensor {name!r} in {source}: expected shape {spec.hf_shape} (from the model "
+            f"config), found {tuple(found)}. The config does not match these weights."
+        )
+
+
 def _read(spec: _Tensor, tensors: Mapping, layer: int | None, source: str) -> np.ndarray:
     """One tensor in our layout (a view of the loaded array), with its shape checked."""
     name = spec.hf_name.format(i=layer)
     tensor = np.asarray(tensors[name])
-    if tuple(tensor.shape) != spec.hf_shape:
-        raise UserError(
-            f"Tensor {name!r} in {source}: expected shape {spec.hf_shape} (from the model "
-            f"config), found {tuple(tensor.shape)}. The config does not match these weights."
-        )
+    check_tensor_shape(name, tensor.shape, spec, source)
     return spec.from_hf(tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSource:
+    """Where one parameter leaf comes from: Hugging Face tensors in the layout `spec`
+    describes; one tensor, or one per layer stacked on a leading L axis (`stacked`)."""
+
+    spec: _Tensor
+    hf_names: tuple[str, ...]
+    stacked: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.hf_names), *self.spec.shape) if self.stacked else self.spec.shape
+
+
+def param_sources(config: LlamaConfig, *, scan_layers: bool) -> dict:
+    """The params tree of `Llama(config)` (scanned or not) with a ParamSource per leaf."""
+    before, after = _head_tensors(config)
+    tree = {}
+    for spec in (*before, *after):
+        _set(tree, spec.path, ParamSource(spec, (spec.hf_name,), stacked=False))
+    layers = range(config.num_layers)
+    for spec in _layer_tensors(config):
+        if scan_layers:
+            names = tuple(spec.hf_name.format(i=i) for i in layers)
+            _set(tree, ("layers", *spec.path), ParamSource(spec, names, stacked=True))
+        else:
+            for i in layers:
+                source = ParamSource(spec, (spec.hf_name.format(i=i),), stacked=False)
+                _set(tree, (f"layers_{i}", *spec.path), source)
+    return tree
 
 
 def params_from_hf_state(
@@ -181,7 +218,7 @@ def params_from_hf_state(
     """
     scan_layers = config.scan_layers if scan_layers is None else scan_layers
     dtype = np.dtype(config.param_dtype if dtype is None else dtype)
-    _check_names(config, tensors, source)
+    check_names(config, tensors, source)
     before, after = _head_tensors(config)
     params = {}
     for spec in before:
@@ -294,11 +331,22 @@ class _SafetensorsFolder(Mapping):
         self._stack = stack
         self._handles = {}
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def _handle(self, name: str):
         file = self._file_of[name]
         if file not in self._handles:
             self._handles[file] = self._stack.enter_context(safe_open(file, framework="np"))
-        return self._handles[file].get_tensor(name)
+        return self._handles[file]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape, from the file header (no tensor bytes are read)."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Only the bytes of `tensor[index]` (contiguous slices), in the stored dtype."""
+        return self._handle(name).get_slice(name)[index]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)
@@ -384,8 +432,21 @@ def _stop_tokens(folder: Path, config: LlamaConfig) -> dict:
     return dict(eos_token_ids=eos_ids, pad_token_id=pad)
 
 
+def load_hf_config(path, *, dtype=None, param_dtype=None, scan_layers: bool = False):
+    """The LlamaConfig of a Hugging Face folder (config.json and generation_config.json;
+    no weights are read). Options as for `load_hf`."""
+    folder = _hf_folder(path)
+    overrides = {"scan_layers": scan_layers}
+    if dtype is not None:
+        overrides["dtype"] = dtype
+    if param_dtype is not None:
+        overrides["param_dtype"] = param_dtype
+    config = LlamaConfig.from_hf_config(_read_json(folder / "config.json"), **overrides)
+    return config.replace(**_stop_tokens(folder, config))
+
+
 def load_hf(
-    path, *, dtype=None, param_dtype=None, scan_layers: bool = False
+    path, *, dtype=None, param_dtype=None, scan_layers: bool = False, shardings=None
 ) -> tuple[LlamaConfig, dict]:
     """Loads a Hugging Face Llama folder (LlamaForCausalLM or
     LlamaForSequenceClassification; single-file or sharded safetensors).
@@ -396,21 +457,24 @@ def load_hf(
       param_dtype: storage dtype of the parameters (default float32, whatever the
         checkpoint stores; pass jnp.bfloat16 to halve memory).
       scan_layers: return the scanned layout (one 'layers' tree with a leading L axis).
+      shardings: None, or a pytree of jax.sharding.Sharding shaped like the params (or a
+        function config -> that pytree). Then every leaf is a global jax.Array and this
+        host reads only the slices of the safetensors its addressable devices hold
+        (lsp_jax/weights/sharded.py).
 
     Returns:
-      (config, params): params is a nested dict of host numpy arrays for
-      `Llama(config).apply({'params': params}, tokens_BT)`.
+      (config, params): params is a nested dict of host numpy arrays (or jax.Arrays,
+      with `shardings`) for `Llama(config).apply({'params': params}, tokens_BT)`.
     """
+    config = load_hf_config(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
     folder = _hf_folder(path)
-    overrides = {"scan_layers": scan_layers}
-    if dtype is not None:
-        overrides["dtype"] = dtype
-    if param_dtype is not None:
-        overrides["param_dtype"] = param_dtype
-    config = LlamaConfig.from_hf_config(_read_json(folder / "config.json"), **overrides)
-    config = config.replace(**_stop_tokens(folder, config))
     with open_safetensors(folder) as tensors:
-        params = params_from_hf_state(config, tensors, source=str(folder))
+        if shardings is None:
+            params = params_from_hf_state(config, tensors, source=str(folder))
+        else:
+            from lsp_jax.weights.sharded import params_from_slices
+
+            params = params_from_slices(config, tensors, shardings, source=str(folder))
     return config, params
 
 

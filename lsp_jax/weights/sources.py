@@ -131,7 +131,7 @@ def resolve(source) -> ModelSource:
     raise UserError(f"{spec} is a folder without config.json.{hint} Expected {_accepted()}.")
 
 
-def load_model(source, *, dtype=None, param_dtype=None, scan_layers=False):
+def load_model(source, *, dtype=None, param_dtype=None, scan_layers=False, shardings=None):
     """(LlamaConfig, params) of any model source.
 
     Args:
@@ -139,20 +139,62 @@ def load_model(source, *, dtype=None, param_dtype=None, scan_layers=False):
       dtype: compute dtype recorded in the config (default float32).
       param_dtype: storage dtype of the params (default float32).
       scan_layers: return the scanned layout (leading L axis under 'layers').
+      shardings: None for host numpy params. Else a pytree of jax.sharding.Sharding
+        with the params' structure (unboxed; e.g. `sharding.logical_shardings(
+        placement.boxed_params(config), mesh, rules)`), or a function config -> that
+        pytree, called with the loaded config. The params are then global jax.Arrays,
+        and for Hugging Face folders and GGUF files every host reads only the slices
+        of each tensor its own devices hold. Orbax run checkpoints are still read whole
+        on every host (as host arrays) and then sliced onto the devices.
     """
     source = resolve(source)
     options = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
     if source.kind == HF:
         from lsp_jax.weights.hf import load_hf
 
-        return load_hf(source.path, **options)
+        return load_hf(source.path, **options, shardings=shardings)
     if source.kind == GGUF:
         from lsp_jax.weights.gguf import load_gguf
 
-        return load_gguf(source.path, **options)
+        return load_gguf(source.path, **options, shardings=shardings)
     from lsp_jax.weights.runs import load_run
 
-    return load_run(source.path, **options)
+    config, params = load_run(source.path, **options)
+    if shardings is not None:
+        from lsp_jax.weights.sharded import place_host_params
+
+        params = place_host_params(params, shardings, config)
+    return config, params
+
+
+def load_config(source, *, dtype=None, param_dtype=None, scan_layers=False):
+    """The LlamaConfig of any model source, reading headers and config files only (not
+    the weights; an orbax run's config comes from its run.json). Options as for
+    `load_model`, whose config it equals."""
+    source = resolve(source)
+    options = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    if source.kind == HF:
+        from lsp_jax.weights.hf import load_hf_config
+
+        return load_hf_config(source.path, **options)
+    if source.kind == GGUF:
+        from lsp_jax.weights.gguf import load_gguf_config
+
+        return load_gguf_config(source.path, **options)
+    return _run_config(source.path, **options)
+
+
+def _run_config(path, *, dtype, param_dtype, scan_layers):
+    from lsp_jax.model import LlamaConfig
+    from lsp_jax.weights import runs
+
+    found = runs.find_run(path)
+    if found is None:  # load_run raises the error that explains what to pass.
+        return runs.load_run(path, dtype=dtype, param_dtype=param_dtype)[0]
+    info = runs.read_run_info(found[0])
+    config = LlamaConfig.from_hf_config(info["model_config"], scan_layers=scan_layers)
+    overrides = {"dtype": dtype, "param_dtype": param_dtype}
+    return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def load_tokenizer(source):
