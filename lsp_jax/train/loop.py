@@ -466,8 +466,19 @@ def _loop(config, workdir, run, placement, state, manager, writer, stop, log):
 def _timed_compile(run, placement, state, k, log):
     log(f"Compiling the self-play iteration ({k} per call)...")
     compiled, seconds = compile_step(run, placement, state, k)
-    log(f"Compiled in {seconds:.1f} s.")
+    log(f"Compiled in {seconds:.1f} s.{_memory_summary(compiled)}")
     return compiled
+
+
+def _memory_summary(compiled) -> str:
+    """' Per device: ... arguments, ... temporaries (XLA).' when XLA reports it."""
+    try:
+        m = compiled.memory_analysis()
+        args, temps = m.argument_size_in_bytes, m.temp_size_in_bytes
+    except Exception:  # Not every backend implements memory_analysis.
+        return ""
+    gib = 2**30
+    return f" Per device: {args / gib:.2f} GiB arguments, {temps / gib:.2f} GiB temporaries (XLA)."
 
 
 def export(workdir, run: Run, params, step: int, log) -> str:
