@@ -25,23 +25,6 @@ import pytest  # noqa: E402
 
 MESHES = ("1x8x1", "2x2x2", "1x2x4")
 SOURCES = ("hf_untied", "hf_tied", "gguf_f32", "gguf_q8_0")
-# Hugging Face name (after model.layers.{i}.) -> llama.cpp name (after blk.{i}.).
-GGUF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-GGUF_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
 # tests/hf_models.py tiny config: V 96, D 64, F 96, N 4, K 2, H 16, L 2.
 V, D, F, N, K, H, L = 96, 64, 96, 4, 2, 16, 2
 Q8_0_BLOCK, Q8_0_BYTES = 32, 34
@@ -50,51 +33,12 @@ Q8_0_BLOCK, Q8_0_BYTES = 32, 34
 # Checkpoints, written by the pytest process (transformers, gguf).
 
 
-def llama_cpp_permute(weight, num_heads):
-    """llama.cpp's convert script: HF half-split rotary rows -> interleaved pairs."""
-    rows, cols = weight.shape
-    split = weight.reshape(num_heads, 2, rows // num_heads // 2, cols)
-    return split.swapaxes(1, 2).reshape(rows, cols)
-
-
-def write_gguf(path, config, state, qtype):
-    """A llama.cpp-layout GGUF of HF-named tensors: q/k rows permuted, 2-D weights in
-    `qtype`, norms float32 (`config` an lsp_jax LlamaConfig)."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config.num_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.dim)
-    writer.add_feed_forward_length(config.mlp_dim)
-    writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_eps)
-    for hf_name, tensor in state.items():
-        name = GGUF_GLOBAL_NAMES.get(hf_name)
-        if name is None:
-            _, _, i, rest = hf_name.split(".", 3)
-            name = f"blk.{i}.{GGUF_LAYER_NAMES[rest]}"
-        if name.endswith("attn_q.weight"):
-            tensor = llama_cpp_permute(tensor, config.num_heads)
-        elif name.endswith("attn_k.weight"):
-            tensor = llama_cpp_permute(tensor, config.num_kv_heads)
-        if tensor.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name, tensor)
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Tiny random Llamas saved by transformers (untied and tied heads), and GGUF files
     of them (untied float32, tied Q8_0)."""
     import gguf
+    from gguf_files import write_llama_gguf
     from hf_models import causal_lm
 
     from lsp_jax.model import LlamaConfig
@@ -106,9 +50,10 @@ def checkpoints(tmp_path_factory):
         state = {k: v.float().numpy() for k, v in model.state_dict().items()}
         if tied:
             state.pop("lm_head.weight")
-        qtype = gguf.GGMLQuantizationType.Q8_0 if tied else gguf.GGMLQuantizationType.F32
+        qtype = gguf.GGMLQuantizationType.Q8_0 if tied else None
         path = root / ("gguf_q8_0.gguf" if tied else "gguf_f32.gguf")
-        write_gguf(path, LlamaConfig.from_hf_config(model.config.to_dict()), state, qtype)
+        config = LlamaConfig.from_hf_config(model.config.to_dict())
+        write_llama_gguf(path, config, state, qtype=qtype, tokenizer=False)
     return root
 
 
