@@ -66,7 +66,7 @@ def causal_lm(seed: int = 0, **overrides) -> "transformers.LlamaForCausalLM":
 
 
 def classifier(seed: int = 0, **overrides) -> "transformers.LlamaForSequenceClassification":
-    fields = dict(num_labels=1, pad_token_id=0, **overrides)
+    fields = {"num_labels": 1, "pad_token_id": 0, **overrides}  # Overrides win.
     model = transformers.LlamaForSequenceClassification(tiny_hf_config(**fields))
     return randomize(model, seed)
 
