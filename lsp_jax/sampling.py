@@ -15,10 +15,12 @@ import numpy as np
 from flax import struct
 
 from lsp_jax.errors import UserError
-from lsp_jax.model import KVCache, Llama, LlamaConfig, init_cache, vocab_logits
+from lsp_jax.model import KVCache, Llama, LlamaConfig, constrain_cache, init_cache, vocab_logits
 
 # Stop-id padding: never equal to a token id.
 NO_STOP = -1
+# Name scope of each decode while-loop, followed by its maximum number of iterations.
+DECODE_SCOPE = "decode_steps_"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +148,8 @@ def sample(
     num_prompts, prompt_len = prompt_tokens_PT.shape
     batch = num_prompts * group_size
     prompt_mask_PT = prompt_mask_PT.astype(bool)
-    logits_PV, cache = prefill(config, params, prompt_tokens_PT, prompt_mask_PT, sampler)
+    with jax.named_scope("prefill"):
+        logits_PV, cache = prefill(config, params, prompt_tokens_PT, prompt_mask_PT, sampler)
     logits_BV = jnp.repeat(logits_PV, group_size, axis=0)
     cache = broadcast_cache(cache, group_size)
     lengths_B = jnp.repeat(prompt_mask_PT.sum(-1, dtype=jnp.int32), group_size)
@@ -157,11 +160,16 @@ def sample(
 
     emit = lambda state, logits_BV: _emit(state, logits_BV, row_keys_B, stop_BM, sampler)
     state = emit(_initial_state(cache, batch, sampler), logits_BV)
+    first_step = 1
     for last_step in decode_segments(sampler.max_new_tokens, sampler.decode_buckets):
         # Step t feeds token t-1 into slot prompt_len + t - 1, so up to `last_step` the
         # attended slots are bounded by prompt_len + last_step.
         step_fn = _decode_step(config, params, lengths_B, prompt_len + last_step, emit)
-        state = jax.lax.while_loop(_continue(last_step), step_fn, state)
+        # The scope names the loop's most iterations: lsp_jax.hlo reads it from the
+        # compiled program to count per-token costs (a while loop has no trip count).
+        with jax.named_scope(f"{DECODE_SCOPE}{last_step - first_step + 1}"):
+            state = jax.lax.while_loop(_continue(last_step), step_fn, state)
+        first_step = last_step + 1
     return SampleOutput(
         tokens_BT=state.tokens_BT,
         logprobs_BT=state.logprobs_BT,
@@ -214,11 +222,13 @@ def broadcast_cache(cache: KVCache, group_size: int) -> KVCache:
     """Repeats each row of a cache `group_size` times (row p -> rows p*G .. p*G+G-1)."""
     if group_size == 1:
         return cache
-    return KVCache(
-        k_LBSKH=jnp.repeat(cache.k_LBSKH, group_size, axis=1),
-        v_LBSKH=jnp.repeat(cache.v_LBSKH, group_size, axis=1),
-        mask_BS=jnp.repeat(cache.mask_BS, group_size, axis=0),
-        end=cache.end,
+    return constrain_cache(
+        KVCache(
+            k_LBSKH=jnp.repeat(cache.k_LBSKH, group_size, axis=1),
+            v_LBSKH=jnp.repeat(cache.v_LBSKH, group_size, axis=1),
+            mask_BS=jnp.repeat(cache.mask_BS, group_size, axis=0),
+            end=cache.end,
+        )
     )
 
 

@@ -72,19 +72,31 @@ def check_batch_divisible(mesh: jax.sharding.Mesh, *, num_queries: int, answers_
 
 def _spec_for(names, shape, mesh, rules) -> PartitionSpec:
     """Logical names -> mesh axes, dropping any mesh axis that does not divide its
-    dimension (small models on big meshes replicate those dimensions instead)."""
-    rule_map = dict(rules)
-    used, spec = set(), []
-    for name, dim in zip(names, shape):
+    dimension (small models on big meshes replicate those dimensions instead).
+
+    Dimensions pick their mesh axes in the order their names appear in `rules`, so an
+    earlier rule has priority: with ('heads', ('fsdp', 'tensor')) before
+    ('embed', ('fsdp', 'tensor')), a [D, N, H] weight splits its heads over both axes
+    when they divide N, and its D only over the axes the heads could not use.
+    `mesh` is a Mesh or an AbstractMesh (anything with a `shape` mapping).
+    """
+    rule_map, rank = {}, {}
+    for i, (name, target) in enumerate(rules):
+        rule_map.setdefault(name, target)
+        rank.setdefault(name, i)
+    order = sorted(range(len(shape)), key=lambda d: rank.get(names[d], len(rules)))
+    used, spec = set(), [None] * len(shape)
+    for d in order:
+        name, dim = names[d], shape[d]
         target = rule_map.get(name) if name is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         kept = []
         for axis in axes:
             size = math.prod(mesh.shape[a] for a in kept + [axis])
-            if axis not in used and dim % size == 0:
+            if axis not in used and mesh.shape[axis] > 1 and dim % size == 0:
                 kept.append(axis)
         used.update(kept)
-        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+        spec[d] = None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
     return PartitionSpec(*spec)
 
 
@@ -100,6 +112,24 @@ def logical_shardings(abstract_tree, mesh, rules):
     return jax.tree.map(
         one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
     )
+
+
+def constrain_logical(tree, names_tree, rules):
+    """Reshards every array of `tree` inside a jitted program to the layout `rules` gives
+    its logical axis names (`names_tree`: the same structure, a tuple of names per
+    array). A no-op outside a mesh context (`jax.set_mesh`) or without rules.
+
+    This is how a program changes layout mid-way: e.g. the self-play iteration keeps its
+    parameters FSDP-sharded for the update and reshards a copy for the rollouts.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return tree
+
+    def one(x, names):
+        return jax.lax.with_sharding_constraint(x, _spec_for(names, x.shape, mesh, rules))
+
+    return jax.tree.map(one, tree, names_tree)
 
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:

@@ -9,12 +9,14 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lsp_jax import checkpoint, sharding  # noqa: E402
+from lsp_jax import checkpoint, sampling, sharding  # noqa: E402
 from lsp_jax.train import config as config_lib  # noqa: E402
 from lsp_jax.train import loop, placement  # noqa: E402
+from lsp_jax.train import step as step_lib  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 if len(sys.argv) > 2:
@@ -58,6 +60,34 @@ def summary(state, metrics, reference=None):
     return out
 
 
+def rollout_sample(run, mesh):
+    """The Challenger's sampler run from FSDP-placed parameters through the rollout
+    layout (as lsp_step does): tokens, log-probs, mask and the rollout q-kernel spec."""
+    cfg = run.step_cfg
+    plan = placement.plan(cfg, run.optimizer, run.frozen, mesh, loop.mesh_rules(run.config))
+    prompt = np.asarray(run.frozen.templates.challenger_prompt)[None]
+    sampler = cfg.challenger.replace(max_new_tokens=12)
+
+    def fn(params, key):
+        params = step_lib.rollout_params(cfg, params)
+        with step_lib.rollout_layout(cfg):
+            out = sampling.sample(
+                cfg.policy, params, prompt, np.ones(prompt.shape, bool), key, sampler, group_size=8
+            )
+        return out.tokens_BT, out.logprobs_BT, out.mask_BT, params
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(plan.rules):
+        params = jax.device_put(run.params, plan.state.params)
+        tokens, logprobs, mask, rollout_params = jax.jit(fn)(params, jax.random.key(7))
+    q_spec = str(rollout_params["layers_0"]["attn"]["q"]["kernel"].sharding.spec)
+    return {
+        "tokens": np.asarray(tokens).tolist(),
+        "logprobs": np.asarray(logprobs).tolist(),
+        "mask": np.asarray(mask).tolist(),
+        "q_spec": q_spec,
+    }
+
+
 def main(workdir):
     config = config_lib.load_config(TINY)
     # Adam's first step is lr * g / (|g| + eps): for eps << |g| it is ~lr * sign(g) and
@@ -85,6 +115,28 @@ def main(workdir):
             checkpoint.save(manager, 1, state)
             fsdp_spec = str(plan.state.params["embed"]["embedding"].spec)
             results["fsdp_embedding_spec"] = fsdp_spec
+    for shape in [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
+        devices = jax.devices() if shape != (1, 1, 1) else jax.devices()[:1]
+        mesh = sharding.make_mesh(shape, devices=devices)
+        results["sample_" + "x".join(map(str, shape))] = rollout_sample(run, mesh)
+    # Micro-batched update (2 chunks of 2 queries) on (2, 2, 2) = one batch on one device.
+    micro = config_lib.load_config(TINY)
+    config_lib.apply_overrides(
+        micro,
+        [
+            "game.num_queries=4",
+            "game.answers_per_query=2",
+            "optim.eps=1.0",
+            "optim.lr=0.1",
+            "train.update_microbatches=2",
+        ],
+    )
+    micro_run = loop.build_run(micro)
+    micro_run.config = micro
+    _COMPILED.clear()
+    state, metrics, _ = one_iteration(micro_run, sharding.make_mesh((2, 2, 2)))
+    results["micro2_2x2x2"] = summary(state, metrics, results["1x1x1"])
+    _COMPILED.clear()
     for name, mesh_shape in [("resumed_111", (1, 1, 1)), ("resumed_222", (2, 2, 2))]:
         devices = jax.devices() if name == "resumed_222" else jax.devices()[:1]
         mesh = sharding.make_mesh(mesh_shape, devices=devices)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from lsp_jax import sharding
@@ -46,6 +47,27 @@ def test_sharded_iteration_equals_one_device(results, mesh):
     assert_same(results["1x1x1"], results[mesh])
 
 
+@pytest.mark.parametrize("mesh", MESHES)
+def test_rollout_layout_samples_the_same_tokens_as_one_device(results, mesh):
+    one, many = results["sample_1x1x1"], results["sample_" + mesh]
+    assert many["tokens"] == one["tokens"] and many["mask"] == one["mask"]
+    np.testing.assert_allclose(many["logprobs"], one["logprobs"], atol=1e-5)
+    assert sum(map(sum, one["mask"])) > 8  # Rows generated tokens (not all stopped at once).
+
+
+def test_rollout_parameters_are_tensor_parallel(results):
+    # Tiny: 4 heads. (1, 2, 4): heads over fsdp (2 divides 4), D over tensor (the 4
+    # chips the heads could not use). (1, 8, 1): 8 does not divide 4 heads, so D
+    # takes the fsdp axis. (8, 1, 1): pure data parallel, weights replicated.
+    assert results["sample_1x2x4"]["q_spec"] == "PartitionSpec('tensor', 'fsdp', None)"
+    assert results["sample_1x8x1"]["q_spec"] == "PartitionSpec('fsdp', None, None)"
+    assert results["sample_8x1x1"]["q_spec"] == "PartitionSpec(None, None, None)"
+
+
+def test_microbatched_update_on_a_mesh_equals_one_batch_on_one_device(results):
+    assert_same(results["1x1x1"], results["micro2_2x2x2"])
+
+
 def test_parameters_are_really_sharded(results):
     # With FSDP over 8 devices the embedding table is split, not replicated.
     assert "fsdp" in results["fsdp_embedding_spec"]
@@ -78,3 +100,27 @@ def test_multi_process_detection():
     assert detect({"LSP_JAX_DISTRIBUTED": "1"}) and not detect(
         {"LSP_JAX_DISTRIBUTED": "0", "JAX_COORDINATOR_ADDRESS": "x"}
     )
+
+
+class _Mesh:
+    def __init__(self, **shape):
+        self.shape = shape
+
+
+def test_rules_give_earlier_names_the_mesh_axes_first():
+    from jax.sharding import PartitionSpec as P
+
+    mesh = _Mesh(data=1, fsdp=4, tensor=2)
+    rollout = [("heads", ("fsdp", "tensor")), ("embed", ("fsdp", "tensor"))]
+    spec = sharding._spec_for
+    # 8 heads take both axes; D gets none. Same result whatever the dimension order.
+    assert spec(("embed", "heads", None), (64, 8, 16), mesh, rollout) == P(
+        None, ("fsdp", "tensor"), None
+    )
+    assert spec(("heads", None, "embed"), (8, 16, 64), mesh, rollout) == P(
+        ("fsdp", "tensor"), None, None
+    )
+    # 6 heads: fsdp (4) does not divide 6, tensor (2) does; D takes fsdp.
+    assert spec(("embed", "heads", None), (64, 6, 16), mesh, rollout) == P("fsdp", "tensor", None)
+    # Axes of size 1 are never named.
+    assert spec(("embed",), (64,), _Mesh(data=1, fsdp=1, tensor=1), rollout) == P(None)

@@ -14,8 +14,10 @@ from lsp_jax.model.config import LlamaConfig, RopeScaling
 from lsp_jax.model.llama import (
     KVCache,
     Llama,
+    constrain_cache,
     default_positions,
     init_cache,
+    param_axes,
     sequence_scores,
     unembedding,
     vocab_logits,
@@ -30,5 +32,7 @@ __all__ = [
     "unembedding",
     "vocab_logits",
     "init_cache",
+    "constrain_cache",
+    "param_axes",
     "sequence_scores",
 ]

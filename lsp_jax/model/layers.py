@@ -17,6 +17,8 @@ BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", None)
 BTKH = ("activation_batch", "activation_length", "activation_kv_heads", None)
 BTF = ("activation_batch", "activation_length", "activation_mlp")
+CACHE_LBSKH = (None, "activation_batch", None, "activation_kv_heads", None)
+CACHE_BS = ("activation_batch", None)
 
 
 def constrain(x, names):

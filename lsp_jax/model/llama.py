@@ -8,6 +8,8 @@ from flax import struct
 from lsp_jax.model.config import LlamaConfig
 from lsp_jax.model.layers import (
     BTD,
+    CACHE_BS,
+    CACHE_LBSKH,
     MLP,
     Attention,
     RMSNorm,
@@ -40,11 +42,34 @@ def init_cache(config: LlamaConfig, batch: int, num_slots: int, dtype=None) -> K
     """An empty cache for `batch` rows of up to `num_slots` tokens."""
     shape = (config.num_layers, batch, num_slots, config.num_kv_heads, config.head_dim)
     dtype = dtype or config.dtype
-    return KVCache(
-        k_LBSKH=jnp.zeros(shape, dtype),
-        v_LBSKH=jnp.zeros(shape, dtype),
-        mask_BS=jnp.zeros((batch, num_slots), bool),
-        end=jnp.zeros((), jnp.int32),
+    return constrain_cache(
+        KVCache(
+            k_LBSKH=jnp.zeros(shape, dtype),
+            v_LBSKH=jnp.zeros(shape, dtype),
+            mask_BS=jnp.zeros((batch, num_slots), bool),
+            end=jnp.zeros((), jnp.int32),
+        )
+    )
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+    """Lays a cache out like the activations that fill it: rows as 'activation_batch',
+    kv heads as 'activation_kv_heads' (the rules in context map them to mesh axes), so
+    a decode loop's carried cache stays where its attention reads it."""
+    return cache.replace(
+        k_LBSKH=constrain(cache.k_LBSKH, CACHE_LBSKH),
+        v_LBSKH=constrain(cache.v_LBSKH, CACHE_LBSKH),
+        mask_BS=constrain(cache.mask_BS, CACHE_BS),
+    )
+
+
+def param_axes(config: LlamaConfig):
+    """The logical axis names of every parameter: a tree shaped like the parameters with
+    a tuple of names per array, which a rules table maps to mesh axes."""
+    init = lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    boxed = jax.eval_shape(init)["params"]
+    return jax.tree.map(
+        lambda b: tuple(b.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
     )
 
 

@@ -71,6 +71,10 @@ def default_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         export_every=0,  # 0: export only at the end.
         steps_per_jit=1,
+        # The loss and gradient over this many chunks of the queries (each with its G
+        # answers), accumulated inside the iteration: peak activation memory / k for
+        # the same gradient. Must divide game.num_queries.
+        update_microbatches=1,
         samples_to_log=2,
         # Every N iterations, also time the phases as separate programs (0: never).
         # Costs one extra compile per phase and one extra iteration's work each time.
@@ -95,6 +99,28 @@ def default_config() -> ml_collections.ConfigDict:
             ("activation_heads", "tensor"),
             ("activation_kv_heads", "tensor"),
             ("activation_mlp", "tensor"),
+        ),
+        # The rollouts' layout (decode loops of the Challenger, the Solver and a sampled
+        # judge). A decode step handles one token per row, so it must not gather
+        # weights: the policy is resharded once per iteration so that heads, kv heads,
+        # MLP and vocabulary split over the fsdp x tensor chips (tensor parallelism),
+        # D takes whichever of those axes the heads could not use (a model whose heads
+        # do not divide the chips), and rows split over data. Earlier rules have
+        # priority when two dimensions want the same axis.
+        rollout_rules=(
+            ("vocab", ("fsdp", "tensor")),
+            ("heads", ("fsdp", "tensor")),
+            ("kv_heads", ("fsdp", "tensor")),
+            ("mlp", ("fsdp", "tensor")),
+            ("embed", ("fsdp", "tensor")),
+            ("head_dim", None),
+            ("layers", None),
+            ("activation_batch", "data"),
+            ("activation_length", None),
+            ("activation_embed", None),
+            ("activation_heads", ("fsdp", "tensor")),
+            ("activation_kv_heads", ("fsdp", "tensor")),
+            ("activation_mlp", ("fsdp", "tensor")),
         ),
     )
     c.data = dict(prompts="shipped", tfds_data_dir="", shuffle_seed=0)

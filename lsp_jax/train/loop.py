@@ -65,6 +65,13 @@ def check_config(config) -> None:
         )
     if config.game.num_queries < 1:
         raise UserError(f"game.num_queries={config.game.num_queries} must be at least 1.")
+    k = config.train.update_microbatches
+    if k < 1 or config.game.num_queries % k:
+        raise UserError(
+            f"train.update_microbatches={k} must be at least 1 and divide "
+            f"game.num_queries={config.game.num_queries} (micro-batches are whole queries "
+            "with their answers)."
+        )
 
 
 def _dtype(name: str):
@@ -170,6 +177,8 @@ def make_step_config(config, policy_cfg, ref_cfg, rm_cfg, tokenizer) -> StepConf
         aggregation=config.loss.aggregation,
         logprob_chunk=config.loss.logprob_chunk,
         pad_id=tokenizer.pad_id,
+        rollout_rules=rules_table(config.mesh.rollout_rules),
+        update_microbatches=config.train.update_microbatches,
     )
 
 
@@ -247,9 +256,12 @@ def make_mesh(config):
 
 
 def mesh_rules(config):
-    return tuple(
-        (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules
-    )
+    return rules_table(config.mesh.rules)
+
+
+def rules_table(rules):
+    """A config's rules as a hashable tuple of (name, axis or tuple of axes or None)."""
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
 
 
 def check_same_tokenizer(policy_tok, rm_tok, rm_source) -> None:

@@ -30,12 +30,12 @@ class PhaseTimer:
         self._fns = {
             "challenger": jax.jit(
                 lambda state, frozen, key: step_lib.challenger_rollout(
-                    cfg, state.params, frozen, key, state.step
+                    cfg, step_lib.rollout_params(cfg, state.params), frozen, key, state.step
                 )
             ),
             "solver": jax.jit(
                 lambda state, frozen, queries, key: step_lib.solver_rollout(
-                    cfg, state.params, frozen, queries, key
+                    cfg, step_lib.rollout_params(cfg, state.params), frozen, queries, key
                 )
             ),
             "rewards": jax.jit(

@@ -38,8 +38,10 @@ def plan(step_cfg, optimizer, frozen, mesh, rules) -> Placement:
     policy = boxed_params(step_cfg.policy)
     state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), policy)
     replicated = sharding.replicated(mesh)
+    # A reference that decodes (sampled judge) is stored in the rollout layout.
+    ref_rules = step_cfg.rollout_rules if step_cfg.judge_decodes else rules
     frozen_sharding = Frozen(
-        ref_params=sharding.logical_shardings(boxed_params(step_cfg.reference), mesh, rules),
+        ref_params=sharding.logical_shardings(boxed_params(step_cfg.reference), mesh, ref_rules),
         rm_params=None
         if step_cfg.reward_model is None
         else sharding.logical_shardings(boxed_params(step_cfg.reward_model), mesh, rules),

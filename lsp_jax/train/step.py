@@ -8,19 +8,21 @@ Reads like the algorithm box of LSP.md:
     θ ← optax(∇(L_Sol + α_Ch L_Ch))
 """
 
+import contextlib
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lsp_jax import rl, sampling
+from lsp_jax import rl, sampling, sharding
 from lsp_jax.game import rewards
 from lsp_jax.game.advantages import advantages, group_stats
 from lsp_jax.game.splice import content_lengths, splice_segments
-from lsp_jax.model import Llama, LlamaConfig, init_cache, unembedding, vocab_logits
+from lsp_jax.model import Llama, LlamaConfig, init_cache, param_axes, unembedding, vocab_logits
 
 
 @struct.dataclass
@@ -67,10 +69,22 @@ class StepConfig:
     aggregation: str
     logprob_chunk: int
     pad_id: int
+    # Logical-axis rules of the rollouts (mesh.rollout_rules); () keeps the training
+    # layout. See `rollout_params`.
+    rollout_rules: tuple = ()
+    # The loss and gradient run over this many chunks of the queries (and their
+    # answers), accumulated in a lax.scan: peak activation memory / k, same gradient.
+    update_microbatches: int = 1
 
     @property
     def uses_judge(self) -> bool:
         return self.mode == "lsp" or self.reward_kind == "self_judge"
+
+    @property
+    def judge_decodes(self) -> bool:
+        """The reference generates judgements (sampled mode): it decodes, so it is
+        stored in the rollout layout."""
+        return self.uses_judge and self.judge_mode == "sampled"
 
 
 def init_state(params, optimizer, seed: int) -> TrainState:
@@ -86,14 +100,51 @@ def lsp_step(state: TrainState, frozen: Frozen, *, cfg: StepConfig, optimizer):
     """One self-play iteration. Returns (state', metrics dict, rollout dict).
 
     The phases below are separate functions so that `lsp_jax.train.phases` can also run
-    them as separate programs and time them; here they trace into one program.
+    them as separate programs and time them; here they trace into one program. Their
+    name scopes mark each phase's operations in the compiled program (`lsp_jax.hlo`).
     """
     k_challenger, k_solver, k_judge = phase_keys(state)
-    queries = challenger_rollout(cfg, state.params, frozen, k_challenger, state.step)
-    solver = solver_rollout(cfg, state.params, frozen, queries, k_solver)
-    scores = score_answers(cfg, frozen, queries, solver["answers"], k_judge)
-    reference = reference_logprobs(cfg, frozen, queries, solver)
-    return update(cfg, optimizer, state, queries, solver, scores, reference)
+    with jax.named_scope("rollout_params"):
+        policy = rollout_params(cfg, state.params)
+    with jax.named_scope("challenger_rollout"):
+        queries = challenger_rollout(cfg, policy, frozen, k_challenger, state.step)
+    with jax.named_scope("solver_rollout"):
+        solver = solver_rollout(cfg, policy, frozen, queries, k_solver)
+    with jax.named_scope("rewards"):
+        scores = score_answers(cfg, frozen, queries, solver["answers"], k_judge)
+    with jax.named_scope("reference"):
+        reference = reference_logprobs(cfg, frozen, queries, solver)
+    with jax.named_scope("update"):
+        return update(cfg, optimizer, state, queries, solver, scores, reference)
+
+
+def rollout_params(cfg: StepConfig, params):
+    """The policy's weights as the rollouts read them, made once per iteration.
+
+    Training keeps parameters FSDP-sharded, which suits the update: one gather per layer
+    for thousands of tokens. A decode step processes one token per row, so gathering
+    every layer for it would move the whole model over the interconnect per generated
+    token. Instead the weight matrices are cast to the compute dtype and resharded to
+    `cfg.rollout_rules` (by default heads, kv heads, MLP and vocabulary split over the
+    fsdp and tensor chips): each decode step then reads its chip's shard from HBM and
+    only activations ([rows, D] partial sums) cross chips. Norm scales keep their dtype
+    (RMSNorm reads them in float32 at least).
+    """
+    narrower = jnp.dtype(cfg.policy.dtype).itemsize < jnp.dtype(cfg.policy.param_dtype).itemsize
+
+    def cast(x):
+        return x.astype(cfg.policy.dtype) if narrower and x.ndim >= 2 else x
+
+    params = jax.tree.map(cast, params)
+    return sharding.constrain_logical(params, param_axes(cfg.policy), cfg.rollout_rules)
+
+
+def rollout_layout(cfg: StepConfig):
+    """The logical-axis rules in force while decoding (activations and KV caches laid
+    out to match `rollout_params`)."""
+    if not cfg.rollout_rules:
+        return contextlib.nullcontext()
+    return nn.logical_axis_rules(cfg.rollout_rules)
 
 
 def phase_keys(state: TrainState):
@@ -110,15 +161,16 @@ def solver_rollout(cfg: StepConfig, params, frozen: Frozen, queries, rng):
         [t.user_prefix, (queries["tokens"], queries["content_lengths"]), t.user_suffix],
         pad_id=cfg.pad_id,
     )
-    answers = sampling.sample(
-        cfg.policy,
-        params,
-        prompt_NP,
-        prompt_mask_NP,
-        rng,
-        cfg.solver,
-        group_size=cfg.answers_per_query,
-    )
+    with rollout_layout(cfg):
+        answers = sampling.sample(
+            cfg.policy,
+            params,
+            prompt_NP,
+            prompt_mask_NP,
+            rng,
+            cfg.solver,
+            group_size=cfg.answers_per_query,
+        )
     return {"prompt": prompt_NP, "prompt_mask": prompt_mask_NP, "answers": answers}
 
 
@@ -149,11 +201,9 @@ def update(cfg: StepConfig, optimizer, state: TrainState, queries, solver, score
     params = state.params
     answers = solver["answers"]
     reward_NG, quality_NG, judge_metrics = scores
-    ref_sol_BA, ref_ch_NQ = reference["solver"], reference["challenger"]
-    solver_rows, challenger_rows = _role_rows(queries, solver)
     if cfg.kl_estimator == "in_reward":
         seq_logratio_NG = rl.sequence_logratio(
-            answers.logprobs_BT, ref_sol_BA, answers.mask_BT
+            answers.logprobs_BT, reference["solver"], answers.mask_BT
         ).reshape(reward_NG.shape)
         reward_NG = rl.kl_in_reward(reward_NG, seq_logratio_NG, cfg.beta)
     solver_adv_NG, challenger_adv_N = advantages(
@@ -162,35 +212,15 @@ def update(cfg: StepConfig, optimizer, state: TrainState, queries, solver, score
         mode=cfg.mode,
         normalize_std=cfg.normalize_std,
     )
-
-    def loss_fn(params):
-        logp_sol_BA = completion_logprobs(cfg.policy, params, *solver_rows, cfg)
-        loss_sol, m_sol = rl.policy_loss(
-            logp_sol_BA,
-            ref_sol_BA,
-            solver_adv_NG.reshape(-1),
-            answers.mask_BT,
-            beta=cfg.beta,
-            kl_estimator=cfg.kl_estimator,
-            aggregation=cfg.aggregation,
-        )
-        aux = {"solver": m_sol, "logp_solver": logp_sol_BA}
-        if challenger_rows is None:
-            return loss_sol, aux
-        logp_ch_NQ = completion_logprobs(cfg.policy, params, *challenger_rows, cfg)
-        loss_ch, m_ch = rl.policy_loss(
-            logp_ch_NQ,
-            ref_ch_NQ,
-            challenger_adv_N,
-            challenger_rows[3],
-            beta=cfg.beta,
-            kl_estimator=cfg.kl_estimator,
-            aggregation=cfg.aggregation,
-        )
-        aux.update(challenger=m_ch, logp_challenger=logp_ch_NQ)
-        return rl.lsp_loss(loss_sol, loss_ch, alpha_challenger=cfg.alpha_challenger), aux
-
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    batch = loss_batch(cfg, queries, solver, reference, solver_adv_NG, challenger_adv_N)
+    loss, logp, grads = loss_and_grads(cfg, params, batch)
+    aux = {
+        "solver": role_metrics(cfg, batch["solver"], logp["solver"]),
+        "logp_solver": logp["solver"],
+    }
+    if "challenger" in batch:
+        aux["challenger"] = role_metrics(cfg, batch["challenger"], logp["challenger"])
+        aux["logp_challenger"] = logp["challenger"]
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
@@ -221,6 +251,141 @@ def update(cfg: StepConfig, optimizer, state: TrainState, queries, solver, score
     return new_state, metrics, rollout
 
 
+def loss_batch(cfg: StepConfig, queries, solver, reference, solver_adv_NG, challenger_adv_N):
+    """What the loss reads, with the query as the leading axis of every per-row array
+    (so that micro-batches are whole queries with their G answers).
+
+    Returns {'solver': {...}, 'challenger': {...} (not GRPO)}; each role holds prompt,
+    prompt_mask (the Challenger's single prompt is shared, not split), tokens, mask,
+    ref_logp and adv, plus 'normalizer': the whole batch's loss denominator.
+    """
+    n, g = cfg.num_queries, cfg.answers_per_query
+    answers = solver["answers"]
+    per_query = lambda x: x.reshape(n, g, *x.shape[1:])
+    sol = {
+        "prompt": solver["prompt"],
+        "prompt_mask": solver["prompt_mask"],
+        "tokens": per_query(answers.tokens_BT),
+        "mask": per_query(answers.mask_BT),
+        "ref_logp": per_query(reference["solver"]),
+        "adv": solver_adv_NG,
+    }
+    batch = {"solver": sol}
+    if queries.get("rows") is not None:
+        prompt_1P, prompt_mask_1P, tokens_NQ, mask_NQ = queries["rows"]
+        batch["challenger"] = {
+            "prompt": prompt_1P,
+            "prompt_mask": prompt_mask_1P,
+            "tokens": tokens_NQ,
+            "mask": mask_NQ,
+            "ref_logp": reference["challenger"],
+            "adv": challenger_adv_N,
+        }
+    for role in batch.values():
+        role["normalizer"] = _normalizer(cfg, role["mask"])
+    return batch
+
+
+def _normalizer(cfg: StepConfig, mask):
+    """The denominator of a role's loss over the whole batch (policy_loss's default for
+    the batch), fixed before micro-batching so chunks add up to the full loss."""
+    if cfg.aggregation == "sequence_sum":
+        return jnp.float32(mask.reshape(-1, mask.shape[-1]).shape[0])
+    return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+
+def _role_loss(cfg: StepConfig, params, role):
+    """(loss contribution, log-probs [rows, T]) of one role's rows of a batch or chunk."""
+    tokens = role["tokens"].reshape(-1, role["tokens"].shape[-1])
+    mask = role["mask"].reshape(tokens.shape)
+    logp = completion_logprobs(
+        cfg.policy, params, role["prompt"], role["prompt_mask"], tokens, mask, cfg
+    )
+    loss, _ = rl.policy_loss(
+        logp,
+        role["ref_logp"].reshape(tokens.shape),
+        role["adv"].reshape(-1),
+        mask,
+        beta=cfg.beta,
+        kl_estimator=cfg.kl_estimator,
+        aggregation=cfg.aggregation,
+        normalizer=role["normalizer"],
+    )
+    return loss, logp
+
+
+def _chunk_loss(cfg: StepConfig, params, chunk):
+    """L_Sol + α_Ch·L_Ch of one chunk of queries (each term already divided by the
+    whole batch's normalizer); aux: the chunk's log-probs per role."""
+    loss, logp_sol = _role_loss(cfg, params, chunk["solver"])
+    logp = {"solver": logp_sol}
+    if "challenger" in chunk:
+        loss_ch, logp["challenger"] = _role_loss(cfg, params, chunk["challenger"])
+        loss = rl.lsp_loss(loss, loss_ch, alpha_challenger=cfg.alpha_challenger)
+    return loss, logp
+
+
+def loss_and_grads(cfg: StepConfig, params, batch):
+    """(loss, log-probs per role, gradient) of the whole batch, computed over
+    `cfg.update_microbatches` chunks of queries accumulated in a lax.scan: activations
+    of one chunk at a time, the same gradient up to summation order."""
+    grad_fn = jax.value_and_grad(lambda p, c: _chunk_loss(cfg, p, c), has_aux=True)
+    k = cfg.update_microbatches
+    if k == 1:
+        (loss, logp), grads = grad_fn(params, batch)
+        return loss, logp, grads
+    chunks = _split_queries(batch, k)
+    shared = _shared_parts(batch)
+
+    def body(carry, chunk):
+        loss_sum, grad_sum = carry
+        (loss, logp), grads = grad_fn(params, _merge(chunk, shared))
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return (loss_sum + loss, grad_sum), logp
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), logp = jax.lax.scan(body, (jnp.float32(0.0), zeros), chunks)
+    logp = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), logp)
+    return loss, logp, grads
+
+
+# Per-role entries that are the same for every chunk (not split by query).
+_SHARED = {"solver": ("normalizer",), "challenger": ("prompt", "prompt_mask", "normalizer")}
+
+
+def _split_queries(batch, k: int):
+    """Every per-query array [N, ...] -> [k, N/k, ...] (the scan's chunks)."""
+    split = lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    return {
+        role: {name: split(x) for name, x in arrays.items() if name not in _SHARED[role]}
+        for role, arrays in batch.items()
+    }
+
+
+def _shared_parts(batch):
+    return {role: {name: batch[role][name] for name in _SHARED[role]} for role in batch}
+
+
+def _merge(chunk, shared):
+    return {role: {**chunk[role], **shared[role]} for role in chunk}
+
+
+def role_metrics(cfg: StepConfig, role, logp):
+    """policy_loss's diagnostics of one role over the whole batch (no gradient)."""
+    tokens = role["tokens"].reshape(-1, role["tokens"].shape[-1])
+    _, metrics = rl.policy_loss(
+        jax.lax.stop_gradient(logp),
+        role["ref_logp"].reshape(tokens.shape),
+        role["adv"].reshape(-1),
+        role["mask"].reshape(tokens.shape),
+        beta=cfg.beta,
+        kl_estimator=cfg.kl_estimator,
+        aggregation=cfg.aggregation,
+        normalizer=role["normalizer"],
+    )
+    return metrics
+
+
 def challenger_rollout(cfg: StepConfig, params, frozen: Frozen, rng, step):
     """The N queries: sampled by the Challenger, or (GRPO) taken from the prompt set."""
     if cfg.mode == "grpo":
@@ -230,15 +395,16 @@ def challenger_rollout(cfg: StepConfig, params, frozen: Frozen, rng, step):
         return {"tokens": tokens_PQ[index_N], "content_lengths": lengths_P[index_N]}
     prompt_1P = frozen.templates.challenger_prompt[None]
     prompt_mask_1P = jnp.ones(prompt_1P.shape, bool)
-    out = sampling.sample(
-        cfg.policy,
-        params,
-        prompt_1P,
-        prompt_mask_1P,
-        rng,
-        cfg.challenger,
-        group_size=cfg.num_queries,
-    )
+    with rollout_layout(cfg):
+        out = sampling.sample(
+            cfg.policy,
+            params,
+            prompt_1P,
+            prompt_mask_1P,
+            rng,
+            cfg.challenger,
+            group_size=cfg.num_queries,
+        )
     return {
         "tokens": out.tokens_BT,
         "content_lengths": content_lengths(out.lengths_B, ~out.truncated_B),
@@ -309,7 +475,8 @@ def judge_scores(cfg: StepConfig, ref_params, tokens_BT, mask_BT, templates, rng
         [jnp.broadcast_to(prefix_1P, (batch, prefix_1P.shape[1])), tokens_BT], axis=1
     )
     full_mask_BT = jnp.concatenate([jnp.ones((batch, prefix_1P.shape[1]), bool), mask_BT], 1)
-    out = sampling.sample(cfg.reference, ref_params, full_BT, full_mask_BT, rng, cfg.judge)
+    with rollout_layout(cfg):
+        out = sampling.sample(cfg.reference, ref_params, full_BT, full_mask_BT, rng, cfg.judge)
     score_B, parsed_B = rewards.parse_sampled_score(
         out.tokens_BT,
         out.mask_BT,
