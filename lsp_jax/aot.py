@@ -41,6 +41,9 @@ class TpuGeneration:
     usable_hbm_bytes: what libtpu's compiler lets one program use per chip (it refuses
       bigger programs); read from its out-of-memory message, see `compiler_hbm_limit`.
     peak_flops: dense bf16 FLOP/s per chip.
+    hbm_bandwidth: HBM bytes/s per chip.
+    ici_bandwidth: inter-chip interconnect bytes/s per chip, one direction (the
+      data sheets' Gbps figure / 8), for roofline estimates of collectives.
     num_dims: 2 (v5e, v6e: 2D torus, 'v5e:2x4') or 3 (v4, v5p: 'v4:2x2x1').
     chip_config: libtpu's chip_config_name; 'megacore' shows a chip's two TensorCores
       as one device, as JAX does on v4 and v5p VMs.
@@ -50,6 +53,8 @@ class TpuGeneration:
     hbm_bytes: int
     usable_hbm_bytes: int
     peak_flops: float
+    hbm_bandwidth: float
+    ici_bandwidth: float
     num_dims: int
     chip_config: str
     examples: tuple[str, ...]
@@ -63,6 +68,10 @@ TOPOLOGIES = {
             hbm_bytes=32 * GiB,
             usable_hbm_bytes=int(30.75 * GiB),
             peak_flops=275e12,
+            # Cloud TPU docs, "TPU v4": HBM2 32 GiB at 1200 GBps. ICI 2400 Gbps per chip
+            # (v5p's 4800 Gbps is announced as twice v4's).
+            hbm_bandwidth=1200e9,
+            ici_bandwidth=2400e9 / 8,
             num_dims=3,
             chip_config="megacore",
             examples=("v4:2x2x1", "v4:2x2x2"),
@@ -72,6 +81,9 @@ TOPOLOGIES = {
             hbm_bytes=16 * GiB,
             usable_hbm_bytes=int(15.75 * GiB),
             peak_flops=197e12,
+            # Cloud TPU docs, "TPU v5e": HBM2 16 GB at 819 GBps; ICI 1600 Gbps per chip.
+            hbm_bandwidth=819e9,
+            ici_bandwidth=1600e9 / 8,
             num_dims=2,
             chip_config="default",
             examples=("v5e:1x1", "v5e:2x2", "v5e:2x4"),
@@ -81,6 +93,9 @@ TOPOLOGIES = {
             hbm_bytes=95 * GiB,
             usable_hbm_bytes=int(95.74 * GiB),
             peak_flops=459e12,
+            # Cloud TPU docs, "TPU v5p": HBM2e 95 GB at 2765 GBps; ICI 4800 Gbps per chip.
+            hbm_bandwidth=2765e9,
+            ici_bandwidth=4800e9 / 8,
             num_dims=3,
             chip_config="megacore",
             examples=("v5p:2x2x1", "v5p:2x2x2"),
@@ -90,6 +105,9 @@ TOPOLOGIES = {
             hbm_bytes=32 * GiB,
             usable_hbm_bytes=int(31.25 * GiB),
             peak_flops=918e12,
+            # Cloud TPU docs, "TPU v6e": HBM 32 GB at 1640 GBps; ICI 3584 Gbps per chip.
+            hbm_bandwidth=1640e9,
+            ici_bandwidth=3584e9 / 8,
             num_dims=2,
             chip_config="default",
             examples=("v6e:1x1", "v6e:2x4"),
@@ -230,6 +248,7 @@ class Report:
     num_slices: int = 1
     xla_flops: float | None = None  # cost_analysis(): loop bodies counted once.
     message: str = ""
+    hlo_text: str = dataclasses.field(default="", repr=False)  # The compiled program.
 
     @property
     def fits(self) -> bool:
@@ -319,6 +338,7 @@ def _report_from(compiled, seconds, common) -> Report:
         alias_bytes=int(m.alias_size_in_bytes),
         total_bytes=int(getattr(m, "peak_memory_in_bytes", 0) or summed),
         xla_flops=(cost or {}).get("flops"),
+        hlo_text=compiled.as_text(),
     )
 
 

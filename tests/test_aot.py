@@ -275,3 +275,70 @@ def test_cli_user_errors(monkeypatch, capsys):
     monkeypatch.delattr(loop, "abstract_iteration", raising=False)
     assert cli.main(["aot", "--config", "configs/tiny.py", "--topology", TOPOLOGY]) == 2
     assert "abstract_iteration" in capsys.readouterr().err
+
+
+def _sampler_hlo(rollout: bool) -> str:
+    """A small model's sampler (8 rows, 16 new tokens) compiled for v5e:2x4 from
+    FSDP-sharded float32 parameters, in the rollout layout or in the training layout."""
+    from lsp_jax import sampling
+    from lsp_jax.model import param_axes
+    from lsp_jax.train import placement
+
+    defaults = config_lib.default_config().mesh
+    rules, rollout_rules = (
+        loop.rules_table(defaults.rules),
+        loop.rules_table(defaults.rollout_rules),
+    )
+    mesh = sharding.make_mesh((1, -1, 1), devices=aot.topology_devices("v5e:2x4"))
+    cfg = LlamaConfig.tiny(
+        vocab_size=8192,
+        dim=512,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=64,
+        mlp_dim=2048,
+        dtype=jnp.bfloat16,
+        scan_layers=True,
+    )
+    boxed = placement.boxed_params(cfg)
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    params = jax.tree.map(
+        lambda b, s: jax.ShapeDtypeStruct(b.value.shape, jnp.float32, sharding=s),
+        boxed,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    prompt = jax.ShapeDtypeStruct((1, 16), jnp.int32, sharding=replicated)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+    sampler = sampling.SamplerConfig(max_new_tokens=16, decode_buckets=1, stop_tokens=(2,))
+
+    def sample(params, prompt, key):
+        key = jax.random.wrap_key_data(key)
+        mask = jnp.ones(prompt.shape, bool)
+        if not rollout:
+            return sampling.sample(cfg, params, prompt, mask, key, sampler, group_size=8)
+        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim > 1 else x, params)
+        params = sharding.constrain_logical(params, param_axes(cfg), rollout_rules)
+        with nn.logical_axis_rules(rollout_rules):
+            return sampling.sample(cfg, params, prompt, mask, key, sampler, group_size=8)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jax.jit(sample).lower(params, prompt, key).compile().as_text()
+
+
+def test_decode_steps_gather_no_weights_in_the_rollout_layout():
+    from lsp_jax import hlo
+
+    # Training layout (FSDP) inside the decode loop: every step gathers each layer's
+    # weights and the LM head (here > 1 MiB), which is what the rollout layout removes.
+    fsdp = hlo.program_costs(_sampler_hlo(rollout=False))
+    (loop_fsdp,) = fsdp.decode_loops
+    assert loop_fsdp.largest_all_gather > MiB
+    assert loop_fsdp.steps == 15
+    rollout = hlo.program_costs(_sampler_hlo(rollout=True))
+    (loop_tp,) = rollout.decode_loops
+    assert loop_tp.largest_all_gather <= MiB
+    # What moves per step is activations: tens of KiB, not the ~25 MiB of bf16 weights.
+    assert loop_tp.per_step.all_gather_bytes < 0.01 * loop_fsdp.per_step.all_gather_bytes
+    assert loop_tp.per_step.total_collective_bytes < 256 * 2**10

@@ -6,7 +6,12 @@ EPILOG = """\
 Compiles the self-play iteration of a config with the TPU compiler (libtpu, from
 pip install 'jax[tpu]'), on any machine: no TPU needed. Prints the HBM per chip
 (arguments, temporaries, peak) against the chip's capacity, the iteration's FLOPs and,
-with --step-time, the MFU that time means. Exits 1 when the iteration does not fit.
+with --step-time, the MFU that time means. Then, per phase (rollout_params,
+challenger_rollout, solver_rollout, rewards, reference, update), the FLOPs, HBM bytes
+and collective bytes per chip counted from the compiled program (loop bodies times
+their trip counts), the bytes all-gathered per decode step against the policy's bf16
+weights, and a roofline ESTIMATE of each phase's time and the MFU it implies.
+Exits 1 when the iteration does not fit.
 Topologies: v4:2x2x1, v5e:1x1, v5e:2x4, v5p:2x2x1, v6e:2x4, ... (GENERATION:CHIPS).
 Override config keys as for train, e.g.
   lsp-jax aot --config configs/lsp_llama3_2_3b.py --topology v5e:2x4 \\
@@ -31,6 +36,12 @@ def add_arguments(parser):
         metavar="S",
         help="Seconds per iteration (measured or hoped for): report the MFU it means.",
     )
+    parser.add_argument(
+        "--hlo-out",
+        default=None,
+        metavar="FILE",
+        help="Also write the compiled program's HLO text here (to read what moves where).",
+    )
     parser.epilog = EPILOG
     parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
     parser.set_defaults(accepts_overrides=True)
@@ -52,10 +63,34 @@ def run(args) -> int:
         overrides.append(item[len("--config.") :])
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
-    return compile_and_report(config, args.topology, step_time_s=args.step_time)
+    return compile_and_report(
+        config, args.topology, step_time_s=args.step_time, hlo_out=args.hlo_out
+    )
 
 
-def compile_and_report(config, topology: str, *, step_time_s=None) -> int:
+def _phase_costs(report, abstract_args, flops, topology) -> str:
+    """Per-phase FLOPs, HBM and collective bytes counted from the compiled program, the
+    decode steps' all-gathers, and the roofline estimate (lsp_jax.roofline)."""
+    import math
+
+    import jax
+
+    from lsp_jax import aot, hlo, roofline
+
+    generation, _ = aot.parse_topology(topology)
+    params = abstract_args[0].params
+    policy_bf16 = 2 * sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    total_flops = flops.get("total") if isinstance(flops, dict) else flops
+    return roofline.format_costs(
+        hlo.program_costs(report.hlo_text),
+        generation,
+        num_chips=report.num_chips,
+        policy_bf16_bytes=policy_bf16,
+        model_flops=total_flops,
+    )
+
+
+def compile_and_report(config, topology: str, *, step_time_s=None, hlo_out=None) -> int:
     """Builds the config's mesh on `topology` (times the slices of mesh.dcn_shape),
     compiles the iteration, prints the report. Returns 0 when it fits in HBM, 1 if not."""
     import math
@@ -74,6 +109,12 @@ def compile_and_report(config, topology: str, *, step_time_s=None) -> int:
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.mesh.rules)):
         report = aot.compile_report(fn, *abstract_args, topology=topology, num_slices=num_slices)
     print(aot.format_report(report, flops_per_iteration=flops, step_time_s=step_time_s))
+    if report.compiled:
+        print(_phase_costs(report, abstract_args, flops, topology))
+        if hlo_out:
+            with open(hlo_out, "w") as f:
+                f.write(report.hlo_text)
+            print(f"Compiled program written to {hlo_out}")
     if report.fits:
         return 0
     gib = aot.GiB
