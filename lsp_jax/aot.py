@@ -718,3 +718,60 @@ def loss_grad_program(model_cfg, mesh, rules, *, batch: int, seq_len: int, learn
         donate_argnums=(0, 1),
     )
     return jitted, (*abstract, tokens_BT)
+
+
+def sampler_program(
+    model_cfg,
+    mesh,
+    rules,
+    *,
+    rollout_rules=(),
+    prompts: int = 1,
+    group_size: int = 8,
+    prompt_len: int = 16,
+    new_tokens: int = 16,
+):
+    """A rollout compiled the way the self-play iteration runs one: float32 parameters
+    sharded by `rules` (the training layout), optionally cast and resharded to
+    `rollout_rules` first, then `prompts` prompts sampled `group_size` times each.
+
+    Returns:
+      (jitted_fn, (params, prompt_PT, key_data)) with ShapeDtypeStructs for arguments.
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lsp_jax import sampling, sharding
+    from lsp_jax.model import Llama, param_axes
+
+    init = lambda: Llama(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    boxed = jax.eval_shape(init)["params"]
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    params = jax.tree.map(
+        lambda b, s: jax.ShapeDtypeStruct(b.value.shape, jnp.float32, sharding=s),
+        boxed,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    prompt_PT = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32, sharding=replicated)
+    key_data = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+    sampler = sampling.SamplerConfig(
+        max_new_tokens=new_tokens, decode_buckets=1, stop_tokens=model_cfg.eos_token_ids
+    )
+
+    def sample(params, prompt_PT, key_data):
+        key = jax.random.wrap_key_data(key_data)
+        mask_PT = jnp.ones(prompt_PT.shape, bool)
+        if rollout_rules:
+            narrow = lambda x: x.astype(model_cfg.dtype) if x.ndim > 1 else x
+            params = jax.tree.map(narrow, params)
+            params = sharding.constrain_logical(params, param_axes(model_cfg), rollout_rules)
+        with nn.logical_axis_rules(rollout_rules or rules):
+            out = sampling.sample(
+                model_cfg, params, prompt_PT, mask_PT, key, sampler, group_size=group_size
+            )
+        return out.tokens_BT, out.logprobs_BT
+
+    return jax.jit(sample), (params, prompt_PT, key_data)

@@ -294,17 +294,70 @@ class _Walker:
                     return bound
         return None
 
-    def fused_flops(self, name: str) -> float:
+    def fused_costs(self, name: str) -> Costs:
+        """FLOPs and collectives inside a fused computation (nested fusions too; XLA
+        fuses collective matmuls, with their all-gathers, on TPU)."""
         computation = self.computations.get(name)
+        costs = Costs()
         if computation is None:
-            return 0.0
-        flops = 0.0
+            return costs
         for inst in computation.instructions:
-            flops += _dot_flops(inst, computation.types)
-            for called in _CALLED.findall(inst.attributes):
-                if inst.opcode == "fusion":
-                    flops += self.fused_flops(called)
-        return flops
+            costs.flops += _dot_flops(inst, computation.types)
+            kind = _collective_kind(inst.opcode)
+            if kind:
+                size = _collective_size(inst, kind, computation.types)
+                costs.collective_bytes[kind] = costs.collective_bytes.get(kind, 0.0) + size
+                costs.largest = max(
+                    getattr(costs, "largest", 0), size if kind == "all-gather" else 0
+                )
+            if inst.opcode == "fusion":
+                called = _CALLED.search(inst.attributes)
+                if called:
+                    inner = self.fused_costs(called.group(1))
+                    costs.add(inner)
+                    costs.largest = max(getattr(costs, "largest", 0), getattr(inner, "largest", 0))
+        return costs
+
+    def sliced_bytes(self, computation: Computation, name: str, depth: int = 0):
+        """Bytes actually read of value `name` of a fused computation when every path
+        from it ends in a slice (through views such as bitcasts, and into nested
+        fusions): the slices' sizes. None when some user reads it whole."""
+        uses = [i for i in computation.instructions if name in i.operands]
+        if not uses or depth > 8:
+            return None
+        total = 0.0
+        for use in uses:
+            if use.opcode in _SLICES and use.operands[0] == name:
+                total += use.bytes
+                continue
+            if use.opcode in _VIEWS:
+                inner = self.sliced_bytes(computation, use.name, depth + 1)
+            elif use.opcode == "fusion":
+                inner = self._sliced_in_fusion(use, name, depth)
+            else:
+                return None
+            if inner is None:
+                return None
+            total += inner
+        return total
+
+    def _sliced_in_fusion(self, use: Instruction, name: str, depth: int):
+        called = _CALLED.search(use.attributes)
+        fused = self.computations.get(called.group(1)) if called else None
+        if fused is None:
+            return None
+        params = {int(i.arguments or 0): i for i in fused.instructions if i.opcode == "parameter"}
+        total = 0.0
+        for index, operand in enumerate(use.operands):
+            if operand != name:
+                continue
+            if index not in params:
+                return None
+            inner = self.sliced_bytes(fused, params[index].name, depth + 1)
+            if inner is None:
+                return None
+            total += inner
+        return total
 
     def fusion_bytes(self, inst: Instruction, outer_types: dict) -> float:
         called = _CALLED.search(inst.attributes)
@@ -313,19 +366,15 @@ class _Walker:
             return inst.bytes + sum(shape_bytes(outer_types.get(o, "")) for o in inst.operands)
         params = [i for i in fused.instructions if i.opcode == "parameter"]
         params.sort(key=lambda i: int(i.arguments or 0))
-        users = {}
-        for i in fused.instructions:
-            for operand in i.operands:
-                users.setdefault(operand, []).append(i)
         root = fused.root
         in_place = root.opcode == "dynamic-update-slice"
         total = 0.0
         for index, operand in enumerate(inst.operands):
             size = shape_bytes(outer_types.get(operand, ""))
             if index < len(params):
-                uses = users.get(params[index].name, [])
-                if uses and all(u.opcode in _SLICES for u in uses):
-                    size = min(size, sum(u.bytes for u in uses))
+                sliced = self.sliced_bytes(fused, params[index].name)
+                if sliced is not None:
+                    size = min(size, sliced)
                 if in_place and root.operands and root.operands[0] == params[index].name:
                     size = 0.0  # The buffer updated in place: only the update moves.
             total += size
@@ -358,18 +407,24 @@ class _Walker:
                 continue
             kind = _collective_kind(inst.opcode)
             if kind:
-                size = inst.bytes
-                if kind == "reduce-scatter":
-                    size = sum(shape_bytes(computation.types.get(o, "")) for o in inst.operands)
-                elif inst.opcode.endswith("-start") and inst.type_text.startswith("("):
-                    size = max((shape_bytes(t) for t in _tuple_elements(inst.type_text)), default=0)
+                size = _collective_size(inst, kind, computation.types)
                 costs.collective_bytes[kind] = size
                 if sink is not None and kind == "all-gather":
                     sink.largest = max(getattr(sink, "largest", 0), size)
             if inst.opcode == "fusion":
                 called = _CALLED.search(inst.attributes)
-                costs.flops += self.fused_flops(called.group(1)) if called else 0.0
+                if called:
+                    inner = self.fused_costs(called.group(1))
+                    costs.add(inner)
+                    if sink is not None:
+                        sink.largest = max(
+                            getattr(sink, "largest", 0), getattr(inner, "largest", 0)
+                        )
                 costs.hbm_bytes += self.fusion_bytes(inst, computation.types)
+            elif inst.opcode == "dynamic-update-slice":  # In place: the update moves.
+                costs.hbm_bytes += 2 * shape_bytes(computation.types.get(inst.operands[1], ""))
+            elif inst.opcode in _SLICES:
+                costs.hbm_bytes += 2 * inst.bytes
             elif inst.opcode not in _FREE and not inst.opcode.endswith("-done"):
                 costs.flops += _dot_flops(inst, computation.types)
                 costs.hbm_bytes += inst.bytes + sum(
@@ -402,6 +457,19 @@ class _Walker:
         sink.largest = max(getattr(sink, "largest", 0), getattr(inner, "largest", 0))
 
 
+# Ops that pass an operand on without reading it from memory themselves.
+_VIEWS = {"bitcast", "reshape", "copy", "convert", "transpose", "broadcast"}
+
+
+def _collective_size(inst: Instruction, kind: str, types: dict) -> int:
+    """The full-size side of a collective: its result, or a reduce-scatter's operand."""
+    if kind == "reduce-scatter":
+        return sum(shape_bytes(types.get(o, "")) for o in inst.operands)
+    if inst.opcode.endswith("-start") and inst.type_text.startswith("("):
+        return max((shape_bytes(t) for t in _tuple_elements(inst.type_text)), default=0)
+    return inst.bytes
+
+
 def _tuple_elements(type_text: str) -> list[str]:
     return [f"{d}[{s}]" for d, s in _SHAPE.findall(type_text)]
 
@@ -421,13 +489,55 @@ def _dot_flops(inst: Instruction, types: dict) -> float:
         contracted = math.prod(lhs[d] for d in dims if d < len(lhs))
         return 2.0 * math.prod(_dims(inst.type_text)) * contracted
     if inst.opcode == "convolution" and len(inst.operands) > 1:
-        labels = re.search(r"dim_labels=\w*_(\w+)->", inst.attributes)
-        rhs = _dims(types.get(inst.operands[1], ""))
-        if not labels or len(labels.group(1)) != len(rhs):
-            return 0.0
-        out_features = rhs[labels.group(1).index("o")]
-        return 2.0 * math.prod(_dims(inst.type_text)) * math.prod(rhs) / max(out_features, 1)
+        return 2.0 * _convolution_macs(inst, types)
     return 0.0
+
+
+def _window_field(window: str, key: str, count: int, default: int) -> list:
+    match = re.search(key + r"=([\d_x]+)", window)
+    if not match:
+        return [(default, default) if key == "pad" else default] * count
+    parts = match.group(1).split("x")
+    if key == "pad":
+        return [tuple(int(v) for v in part.split("_")) for part in parts]
+    return [int(v) for v in parts]
+
+
+def _convolution_macs(inst: Instruction, types: dict) -> float:
+    """Multiply-adds of an HLO convolution, counting only window taps that land on real
+    input elements. The TPU compiler writes many batched matmuls as convolutions whose
+    padded, dilated windows act as batch dimensions, so |output| x |kernel| / features
+    would overcount them by the window sizes."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.attributes)
+    lhs = _dims(types.get(inst.operands[0], ""))
+    rhs = _dims(types.get(inst.operands[1], ""))
+    out = _dims(inst.type_text)
+    if not labels or len(labels.group(1)) != len(lhs) or len(labels.group(3)) != len(out):
+        return 0.0
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    spatial = sorted(c for c in out_labels if c.isdigit())
+    window = re.search(r"window=\{([^}]*)\}", inst.attributes)
+    window = window.group(1) if window else ""
+    n = len(spatial)
+    sizes = _window_field(window, "size", n, 1)
+    strides = _window_field(window, "stride", n, 1)
+    pads = _window_field(window, "pad", n, 0)
+    lhs_dilation = _window_field(window, "lhs_dilate", n, 1)
+    rhs_dilation = _window_field(window, "rhs_dilate", n, 1)
+    taps = 1
+    for d, label in enumerate(spatial):
+        size_in = lhs[lhs_labels.index(label)]
+        size_out = out[out_labels.index(label)]
+        extent = (size_in - 1) * lhs_dilation[d]
+        valid = 0
+        for o in range(size_out):
+            for w in range(sizes[d]):
+                pos = o * strides[d] + w * rhs_dilation[d] - pads[d][0]
+                valid += 0 <= pos <= extent and pos % lhs_dilation[d] == 0
+        taps *= valid
+    batch = out[out_labels.index("b")]
+    features = out[out_labels.index("f")]
+    return float(batch * features * rhs[rhs_labels.index("i")] * taps)
 
 
 def program_costs(hlo_text: str, *, decode_scope: str | None = None) -> ProgramCosts:

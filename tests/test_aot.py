@@ -280,15 +280,9 @@ def test_cli_user_errors(monkeypatch, capsys):
 def _sampler_hlo(rollout: bool) -> str:
     """A small model's sampler (8 rows, 16 new tokens) compiled for v5e:2x4 from
     FSDP-sharded float32 parameters, in the rollout layout or in the training layout."""
-    from lsp_jax import sampling
-    from lsp_jax.model import param_axes
-    from lsp_jax.train import placement
-
     defaults = config_lib.default_config().mesh
-    rules, rollout_rules = (
-        loop.rules_table(defaults.rules),
-        loop.rules_table(defaults.rollout_rules),
-    )
+    rules = loop.rules_table(defaults.rules)
+    rollout_rules = loop.rules_table(defaults.rollout_rules) if rollout else ()
     mesh = sharding.make_mesh((1, -1, 1), devices=aot.topology_devices("v5e:2x4"))
     cfg = LlamaConfig.tiny(
         vocab_size=8192,
@@ -300,31 +294,9 @@ def _sampler_hlo(rollout: bool) -> str:
         dtype=jnp.bfloat16,
         scan_layers=True,
     )
-    boxed = placement.boxed_params(cfg)
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    params = jax.tree.map(
-        lambda b, s: jax.ShapeDtypeStruct(b.value.shape, jnp.float32, sharding=s),
-        boxed,
-        shardings,
-        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
-    )
-    replicated = NamedSharding(mesh, PartitionSpec())
-    prompt = jax.ShapeDtypeStruct((1, 16), jnp.int32, sharding=replicated)
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-    sampler = sampling.SamplerConfig(max_new_tokens=16, decode_buckets=1, stop_tokens=(2,))
-
-    def sample(params, prompt, key):
-        key = jax.random.wrap_key_data(key)
-        mask = jnp.ones(prompt.shape, bool)
-        if not rollout:
-            return sampling.sample(cfg, params, prompt, mask, key, sampler, group_size=8)
-        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim > 1 else x, params)
-        params = sharding.constrain_logical(params, param_axes(cfg), rollout_rules)
-        with nn.logical_axis_rules(rollout_rules):
-            return sampling.sample(cfg, params, prompt, mask, key, sampler, group_size=8)
-
+    fn, args = aot.sampler_program(cfg, mesh, rules, rollout_rules=rollout_rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jax.jit(sample).lower(params, prompt, key).compile().as_text()
+        return fn.lower(*args).compile().as_text()
 
 
 def test_decode_steps_gather_no_weights_in_the_rollout_layout():
