@@ -14,6 +14,10 @@ COMMANDS = {
     "eval": ("evaluate", "Win rates of a model against a baseline, judged by a local model."),
     "aot": ("aot", "Compile a training iteration for a TPU topology and report its memory."),
     "plot": ("plot", "Draw the curves of a training run's metrics to PNG files."),
+    "reward-check": (
+        "reward_check",
+        "Check before training that a config's reward separates good answers from bad.",
+    ),
 }
 
 
@@ -81,7 +85,7 @@ def main(argv=None):
         return 0 if not argv else 2
     from lsp_jax.errors import UserError
 
-    if args.command in ("train", "generate", "eval"):
+    if args.command in ("train", "generate", "eval", "reward-check"):
         enable_compilation_cache()
     try:
         return int(args.run(args) or 0)

@@ -16,6 +16,7 @@ from lsp_jax.game import prompts
 from lsp_jax.game.rewards import MAX_QUALITY_SCORE
 
 _MARK = "\ue000LSP_SLOT\ue001"  # Private-use characters: never in a real prompt.
+DIGITS = tuple(str(s) for s in range(MAX_QUALITY_SCORE + 1))  # The paper's scores 0..7.
 
 
 @struct.dataclass
@@ -52,6 +53,9 @@ class TemplateTexts:
     task: str = ""
     template: str = ""
     expected_judge: bool = True
+    # The judge's score is read after `score_tag`: the token of score_tokens[s] scores s.
+    score_tag: str = prompts.SCORE_TAG
+    score_tokens: tuple[str, ...] = DIGITS
 
 
 def build_templates(policy_chat, texts: TemplateTexts, rm_chat=None) -> GameTemplates:
@@ -68,7 +72,7 @@ def build_templates(policy_chat, texts: TemplateTexts, rm_chat=None) -> GameTemp
         policy_chat, [{"role": "user", "content": _MARK}], add_generation_prompt=True
     )
     judge_before, judge_between, judge_after = _split_judge_prompt(texts.judge_prompt)
-    score_tag = encode(prompts.SCORE_TAG) if texts.expected_judge else []
+    score_tag = encode(texts.score_tag) if texts.expected_judge else []
     judge_prefix = user_prefix + encode(judge_before)
     judge_suffix = encode(judge_after) + user_suffix + score_tag
     rm_pieces = [[], [], []]
@@ -88,8 +92,8 @@ def build_templates(policy_chat, texts: TemplateTexts, rm_chat=None) -> GameTemp
         rm_prefix=piece(rm_pieces[0]),
         rm_middle=piece(rm_pieces[1]),
         rm_suffix=piece(rm_pieces[2]),
-        digit_ids=np.asarray(digit_ids(tokenizer), np.int32),
-        score_tags=score_tag_variants(tokenizer),
+        digit_ids=np.asarray(digit_ids(tokenizer, texts.score_tokens), np.int32),
+        score_tags=score_tag_variants(tokenizer, texts.score_tag),
     )
 
 
@@ -107,27 +111,34 @@ def _split_judge_prompt(judge_prompt: str) -> tuple[str, str, str]:
     return before, between, after
 
 
-def digit_ids(tokenizer) -> list[int]:
-    """Token id of each score digit 0..7; each must be a single token."""
+def digit_ids(tokenizer, score_tokens=DIGITS) -> list[int]:
+    """Token id of each score token (the digits 0..7 by default); each must be a single
+    token."""
+    if len(score_tokens) < 2:
+        raise UserError(
+            f"reward.judge_scores={tuple(score_tokens)!r} has fewer than two scores; list "
+            "the judge's answers from worst to best, e.g. ('No', 'Yes') or ('0', '1', '2')."
+        )
     ids = []
-    for digit in range(MAX_QUALITY_SCORE + 1):
+    for digit in score_tokens:
         encoded = tokenizer.encode(str(digit))
         if len(encoded) != 1:
             raise UserError(
-                f"The tokenizer splits the digit {digit} into {len(encoded)} tokens; the "
-                "quality judge reads one token per score. Use reward.judge_mode=sampled "
-                "with a tokenizer that has single-digit tokens."
+                f"The tokenizer splits the score {digit!r} into {len(encoded)} tokens; the "
+                "quality judge reads one token per score. Choose single-token scores in "
+                "reward.judge_scores (digits, or words such as 'Yes'/'No')."
             )
         ids.append(encoded[0])
     return ids
 
 
-def score_tag_variants(tokenizer) -> tuple[tuple[int, ...], ...]:
-    """Token spellings of `<Score>` as it may appear in generated text (at the start of
-    a line, after a space, or after other text), for reading sampled judgements."""
+def score_tag_variants(tokenizer, score_tag=prompts.SCORE_TAG) -> tuple[tuple[int, ...], ...]:
+    """Token spellings of the score tag (`<Score>`) as it may appear in generated text (at
+    the start of a line, after a space, or after other text), for reading sampled
+    judgements."""
     variants = set()
     for before in ("", " ", "\n", "x"):
-        ids = tokenizer.encode(before + prompts.SCORE_TAG)
+        ids = tokenizer.encode(before + score_tag)
         prefix_ids = tokenizer.encode(before) if before else []
         if ids[: len(prefix_ids)] == prefix_ids:
             ids = ids[len(prefix_ids) :]

@@ -34,6 +34,12 @@ def default_config() -> ml_collections.ConfigDict:
         judge_mode="expected",  # expected | sampled: how the reference judge scores.
         judge_max_tokens=160,  # Judgement length in sampled mode.
         judge_fallback=0.0,  # R_Q when a sampled judgement has no readable score.
+        # The judge's score is read after this tag: the token judge_scores[s] scores s.
+        # Named judges (paper, yes_no, scale_0_3, ...): lsp_jax/game/judges.py.
+        judge_score_tag=prompts.SCORE_TAG,
+        judge_scores=tuple(str(s) for s in range(8)),
+        check_before_train=False,  # Run `lsp-jax reward-check` first; warn if at chance.
+        check_prompts=32,  # Prompts (of data.prompts) that reward-check scores.
     )
     c.game = dict(
         mode="lsp",  # lsp | lsp_zero | grpo

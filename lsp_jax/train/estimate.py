@@ -84,7 +84,7 @@ def templates(config, texts) -> GameTemplates:
         rm_prefix=zeros(user_prefix),
         rm_middle=zeros(2 * TURN_TOKENS),
         rm_suffix=zeros(TURN_TOKENS),
-        digit_ids=np.arange(8, dtype=np.int32),
+        digit_ids=np.arange(len(texts.score_tokens), dtype=np.int32),
         score_tags=((1, 2, 3),),
     )
 

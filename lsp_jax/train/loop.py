@@ -142,6 +142,8 @@ def template_texts(config) -> TemplateTexts:
         task=g.task,
         template=g.template,
         expected_judge=config.reward.judge_mode == "expected",
+        score_tag=config.reward.judge_score_tag,
+        score_tokens=tuple(config.reward.judge_scores),
     )
 
 
@@ -405,6 +407,10 @@ def _train(config, workdir, stop, log):
     )
     run.frozen = placement_lib.place_frozen(run.frozen, placement)
     manager = checkpoint.checkpoint_manager(workdir, keep=t.keep_checkpoints)
+    if config.reward.check_before_train and manager.latest_step() is None:
+        from lsp_jax import rewardcheck
+
+        rewardcheck.before_train(config, run, log)
     state = placement_lib.place_state(run.params, run.optimizer, t.seed, placement)
     run.params = None  # Host copy no longer needed.
     if manager.latest_step() is not None:
