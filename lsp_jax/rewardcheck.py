@@ -148,7 +148,7 @@ def score_pairs(run, frozen, query_rows, answer_rows, *, seed: int, digit_mass=T
     (sampled judge: judgements with a readable score); `digit_mass=False` skips the
     extra judge forward pass that measures it."""
     cfg = _batch_config(run.step_cfg, BATCH)
-    score = jax.jit(functools.partial(_score_batch, cfg, digit_mass=digit_mass))
+    score = _jitted_score(cfg, digit_mass)
     rewards, qualities, mass, parse = [], [], [], []
     for start in range(0, len(query_rows), BATCH):
         q, q_len = _right_padded(
@@ -170,6 +170,12 @@ def score_pairs(run, frozen, query_rows, answer_rows, *, seed: int, digit_mass=T
     }
     quality = None if qualities[0] is None else np.concatenate(qualities)
     return np.concatenate(rewards), quality, judge
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_score(cfg, digit_mass: bool):
+    """One compiled scorer per step configuration (shared by all answer kinds)."""
+    return jax.jit(functools.partial(_score_batch, cfg, digit_mass=digit_mass))
 
 
 def _score_batch(cfg, frozen, q_BQ, q_len_B, a_BA, a_len_B, key, *, digit_mass):
@@ -330,7 +336,9 @@ def _with_templates(run, config):
     from lsp_jax.train.loop import template_texts
     from lsp_jax.weights import sources
 
-    rm_chat = sources.load_chat_template(config.reward.model) if run.frozen.rm_params else None
+    rm_chat = None
+    if run.frozen.rm_params is not None:
+        rm_chat = sources.load_chat_template(config.reward.model)
     chat = sources.load_chat_template(run.source)
     return run.frozen.replace(templates=build_templates(chat, template_texts(config), rm_chat))
 

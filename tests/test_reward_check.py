@@ -119,6 +119,10 @@ def test_command_prints_the_table_and_exits_1_at_chance(capsys):
         (["--judges", "paper", "--config.game.mode=grpo"], "uses no judge"),
         (["--num-prompts", "1"], "at least 2 prompts"),
         (["--config.reward.judge_scores=('7',)"], "fewer than two scores"),
+        (
+            ["--config.reward.judge_mode=sampled", "--config.reward.judge_score_tag="],
+            "the tag is empty",
+        ),
     ],
 )
 def test_bad_input_gives_one_clear_error(capsys, args, message):

@@ -72,6 +72,13 @@ def build_templates(policy_chat, texts: TemplateTexts, rm_chat=None) -> GameTemp
         policy_chat, [{"role": "user", "content": _MARK}], add_generation_prompt=True
     )
     judge_before, judge_between, judge_after = _split_judge_prompt(texts.judge_prompt)
+    if not texts.expected_judge and not texts.score_tag.strip():
+        raise UserError(
+            "reward.judge_mode=sampled reads the score token that follows "
+            "reward.judge_score_tag in the judgement, but the tag is empty. Fix: use "
+            "reward.judge_mode=expected, or a judge whose prompt ends with a score tag "
+            "(e.g. the paper's <Score>)."
+        )
     score_tag = encode(texts.score_tag) if texts.expected_judge else []
     judge_prefix = user_prefix + encode(judge_before)
     judge_suffix = encode(judge_after) + user_suffix + score_tag
