@@ -1,16 +1,26 @@
 """The embedded default: LSP on SmolLM2-135M-Instruct, on a laptop CPU, in minutes.
 
 No external reward model can be had offline, so the quality self-reward of the frozen
-reference model (the `expected` judge: one forward pass, Σ s·p(s) over the digits
-0..7) is the only reward: reward.kind=none makes R(q, a) = 0, and LSP's rewards
+reference model (an `expected` judge: one forward pass, read from the next-token
+probabilities) is the only reward: reward.kind=none makes R(q, a) = 0, and LSP's rewards
 reduce to r_ij = R_Q(q_i, a_ij) for the Solver and c_i = V_Q(q_i) for the
-Challenger. For an adversarial Challenger without a reward model, try
+Challenger.
+
+The judge is `yes_no` (lsp_jax/game/judges.py: "Is the reply a helpful answer to this
+user's message?", scored P(Yes) in 0..1), the best `lsp-jax reward-check` found for
+SmolLM2-135M: it ranks the policy's answers above cut (AUC 0.68) and empty (0.89) ones,
+where the paper's seven-criteria 0..7 judge prefers empty answers (0.28). None of the
+judges tells an answer from the answer to another prompt (best AUC 0.58), so this run
+demonstrates the machinery, not the method (README, "Checking a reward before
+training"). `--config configs/smollm2_cpu.py:paper` (or another judge's name) picks
+another judge. For an adversarial Challenger without a reward model, try
   --config.reward.kind=self_judge --config.game.mode=lsp_zero
 (R is then the judge's score and c_i = -V(q_i)).
 
 Small N, G and lengths so a few iterations finish in well under 10 minutes on 2 cores.
 """
 
+from lsp_jax.game import judges
 from lsp_jax.train.config import default_config
 
 
@@ -20,6 +30,7 @@ def get_config(arg=None):
     c.model.scan_layers = True  # One compiled layer instead of 30: much faster to compile.
     c.reward.kind = "none"
     c.reward.judge_mode = "expected"
+    judges.apply(c, arg or "yes_no")
     c.game.mode = "lsp"
     c.game.num_queries = 4
     c.game.answers_per_query = 2

@@ -127,7 +127,8 @@ def policy_answers(run, params, query_rows, *, seed: int):
     @jax.jit
     def answer(params, frozen, tokens, lengths, key):
         queries = {"tokens": tokens, "content_lengths": lengths}
-        out = step.solver_rollout(cfg, params, frozen, queries, key)["answers"]
+        policy = step.rollout_params(cfg, params)  # As training samples: its rollout copy.
+        out = step.solver_rollout(cfg, policy, frozen, queries, key)["answers"]
         return out.tokens_BT, content_lengths(out.lengths_B, ~out.truncated_B)
 
     answers = []
