@@ -230,7 +230,6 @@ def _digit_mass(cfg, frozen, queries, answers):
 class Report:
     """What `check` measured: per judge tried, its metrics and every reward's scores."""
 
-    config_name: str
     num_prompts: int
     prompt_source: str
     sampling: str
@@ -302,7 +301,6 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
     kinds = {"policy": answers}
     kinds.update(degrade(answers, tokenizer, max_tokens=solver.max_new_tokens))
     report = Report(
-        config_name="",
         num_prompts=len(queries),
         prompt_source=str(config.data.prompts),
         sampling=f"temperature {solver.temperature}, up to {solver.max_new_tokens} tokens",
