@@ -252,6 +252,7 @@ def test_cli_prints_the_report(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "v5e:2x2: 4 chips" in out and "fits" in out and "policy_train" in out
     assert "MFU at 2 s/iteration" in out
+    assert "Roofline ESTIMATE on v5e" in out and "iteration (sum)" in out
 
     # Two slices joined over the data-center network: data parallel across them.
     assert cli.main(argv + ["--config.mesh.dcn_shape=2,1,1", "--config.mesh.shape=1,4,1"]) == 0

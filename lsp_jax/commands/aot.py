@@ -78,7 +78,8 @@ def _phase_costs(report, abstract_args, flops, topology) -> str:
     from lsp_jax import aot, hlo, roofline
 
     generation, _ = aot.parse_topology(topology)
-    params = abstract_args[0].params
+    # The policy's parameters: the train state's, or (a stand-in program) its first input.
+    params = getattr(abstract_args[0], "params", abstract_args[0])
     policy_bf16 = 2 * sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     total_flops = flops.get("total") if isinstance(flops, dict) else flops
     return roofline.format_costs(
