@@ -73,7 +73,9 @@ def test_console_script_of_the_installed_wheel_trains(wheel, tmp_path):
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
         + ["--ignore-installed", str(wheel)]
     )
-    where = _run([str(python), "-c", "import lsp_jax.train.loop as m; print(m.__file__)"])
+    where = _run(  # Not from the checkout: `python -c` puts the working directory first.
+        [str(python), "-c", "import lsp_jax.train.loop as m; print(m.__file__)"], cwd=tmp_path
+    )
     assert where.stdout.strip().startswith(str(site)), where.stdout
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["LSP_JAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or "0"
