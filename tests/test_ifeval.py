@@ -1,6 +1,7 @@
 """IFEval-format scoring: hand-checked verdicts per instruction type, loose rules, aggregation."""
 
 import json
+import sys
 
 import pytest
 
@@ -327,3 +328,19 @@ def test_loader_errors(tmp_path):
     )
     with pytest.raises(UserError, match="IFEval example 7: bad kwargs"):
         ifeval.score_ifeval([bad_kwargs], ["a"])
+
+
+def test_missing_extra_is_named_before_any_model_loads(monkeypatch, tmp_path):
+    """Without the optional `ifeval` extra, `lsp-jax eval --ifeval` stops at once with
+    one message that names the extra and the pip command."""
+    from lsp_jax import evaluate
+
+    monkeypatch.setitem(sys.modules, "if_verifiable", None)  # Its import now fails.
+    ifeval.instruction_registry.cache_clear()
+    try:
+        with pytest.raises(UserError) as error:
+            evaluate.evaluate(*[tmp_path / "no-model"] * 3, ifeval="shipped")
+    finally:
+        ifeval.instruction_registry.cache_clear()
+    message = str(error.value)
+    assert "'ifeval'" in message and "pip install '.[ifeval]'" in message

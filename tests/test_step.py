@@ -11,7 +11,7 @@ import pytest
 from lsp_jax.game.splice import splice_segments
 from lsp_jax.model import Llama
 from lsp_jax.rl import token_logprobs
-from lsp_jax.train.step import completion_logprobs, forward_with_prefix
+from lsp_jax.train.step import completion_logprobs, forward_with_prefix, groups_logprobs
 from lsp_jax.weights import load_hf
 
 PAD = 0
@@ -105,3 +105,35 @@ def test_reward_model_score_after_a_shared_prefix_matches_transformers(models):
     full_mask = np.concatenate([np.ones((3, 4), bool), mask], axis=1)
     want = helpers.hf_forward(rm, full, full_mask)[:, 0]
     np.testing.assert_allclose(ours, want, atol=1e-4)
+
+
+def test_two_groups_in_one_pass_equal_separate_passes(models, tmp_path):
+    """The loss's one pass over both roles (groups_logprobs) gives each role's log-probs
+    and the summed gradient of separate passes, in scanned, rematerialized layers (the CPU
+    default's layout; the tests above use unscanned ones)."""
+    _, lm, _, _, _ = models
+    lm.save_pretrained(tmp_path / "lm")
+    config, params = load_hf(tmp_path / "lm", scan_layers=True)
+    config = config.replace(remat=True)
+    rng = np.random.default_rng(3)
+    first = prompts_and_completions(rng, 2)
+    prompt, prompt_mask, tokens, mask = prompts_and_completions(rng, 3)
+    second = (prompt[:1], prompt_mask[:1], tokens[:3, :3], mask[:3, :3])  # Other shapes.
+    cfg = _Cfg(logprob_chunk=0, solver=_Sampler(0.8))
+
+    def together(p):
+        return groups_logprobs(config, p, [first, second], cfg)
+
+    def apart(p):
+        return [completion_logprobs(config, p, *rows, cfg) for rows in (first, second)]
+
+    def total(p, fn):
+        a, b = fn(p)
+        return jnp.sum(jnp.where(first[3], a, 0.0)) + 0.5 * jnp.sum(jnp.where(second[3], b, 0.0))
+
+    for ours, want, rows in zip(jax.jit(together)(params), jax.jit(apart)(params), (first, second)):
+        assert ours.shape == rows[2].shape
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(want), atol=1e-5)
+    grad = jax.jit(jax.grad(total), static_argnums=1)
+    for x, y in zip(jax.tree.leaves(grad(params, together)), jax.tree.leaves(grad(params, apart))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5)

@@ -14,6 +14,7 @@ from lsp_jax.model.config import LlamaConfig, RopeScaling
 from lsp_jax.model.llama import (
     KVCache,
     Llama,
+    SharedPrefixLlama,
     constrain_cache,
     default_positions,
     init_cache,
@@ -26,6 +27,7 @@ from lsp_jax.model.llama import (
 __all__ = [
     "KVCache",
     "Llama",
+    "SharedPrefixLlama",
     "LlamaConfig",
     "RopeScaling",
     "default_positions",

@@ -287,3 +287,75 @@ class Llama(nn.Module):
             )()
         logits = jnp.einsum(spec, x_BTD, matrix.astype(cfg.dtype))
         return logits.astype(at_least_float32(cfg.dtype))
+
+
+class PrefixBlock(Block):
+    """One layer applied, for each group, to its prefix rows and then to their
+    continuation rows, which attend to the prefix's keys and values (repeated to their
+    rows here, inside the layer) and causally to their own."""
+
+    def __call__(self, xs, geometry):
+        cfg = self.config
+        out = []
+        for (x_PTD, x_BAD), (angles_p, mask_p, angles_c, mask_c) in zip(xs, geometry):
+            num_prefixes, prefix_len = x_PTD.shape[:2]
+            group, num_slots = x_BAD.shape[0] // num_prefixes, mask_c.shape[-1]
+            empty = jnp.zeros((num_prefixes, prefix_len, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+            x_PTD, kv_prefix = super().__call__(x_PTD, (empty, empty), angles_p, mask_p, 0)
+            pad = ((0, 0), (0, num_slots - prefix_len), (0, 0), (0, 0))
+            kv_rows = tuple(jnp.repeat(jnp.pad(a, pad), group, axis=0) for a in kv_prefix)
+            x_BAD, _ = super().__call__(x_BAD, kv_rows, angles_c, mask_c, prefix_len)
+            out.append((x_PTD, x_BAD))
+        return tuple(out), None
+
+
+class SharedPrefixLlama(Llama):
+    """The Llama (same parameters) over groups of (P prefixes, B = P·k continuation rows,
+    row b continuing prefix b // k) in ONE pass through the layers: the backward pass then
+    builds one gradient, where a prefix pass and a cached continuation pass per group
+    built one each (a full copy of the parameters' size per pass), and the prefix's keys
+    and values are repeated to the rows one layer at a time, never for all layers.
+
+    `apply(vars, groups)` with groups = ((prefix_PT, prefix_mask_PT, tokens_BA, mask_BA),
+    ...) returns, per group, (prefix hidden_PTD, continuation hidden_BAD): final normed
+    hidden states, equal to a cached prefix pass followed by a continuation pass.
+    """
+
+    @nn.compact
+    def __call__(self, groups):
+        cfg = self.config
+        shape, axes = (cfg.vocab_size, cfg.dim), ("vocab", "embed")
+        embedding_VD = Weight("embedding", shape, axes, cfg.param_dtype, name="embed")()
+        embed = lambda t: constrain(jnp.take(embedding_VD, t, axis=0).astype(cfg.dtype), BTD)
+        xs, geometry = [], []
+        for prefix_PT, prefix_mask_PT, tokens_BA, mask_BA in groups:
+            (num_prefixes, prefix_len), (batch, length) = prefix_PT.shape, tokens_BA.shape
+            slots = jnp.zeros((num_prefixes, prefix_len + length), bool)
+            empty = KVCache(None, None, slots, jnp.zeros((), jnp.int32))
+            angles_p, mask_p, _, slots_PS = self._geometry(
+                prefix_mask_PT.astype(bool), None, empty, prefix_len
+            )
+            slots_BS = jnp.repeat(slots_PS, batch // num_prefixes, axis=0)
+            filled = KVCache(None, None, slots_BS, jnp.asarray(prefix_len, jnp.int32))
+            angles_c, mask_c, _, _ = self._geometry(mask_BA.astype(bool), None, filled, None)
+            xs.append((embed(prefix_PT), embed(tokens_BA)))
+            geometry.append((angles_p, mask_p, angles_c, mask_c))
+        xs, geometry = tuple(xs), tuple(geometry)
+        block_cls = PrefixBlock
+        if cfg.remat:
+            block_cls = nn.remat(PrefixBlock, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            layers = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            xs, _ = layers(xs, geometry)
+        else:
+            for i in range(cfg.num_layers):
+                xs, _ = block_cls(cfg, name=f"layers_{i}")(xs, geometry)
+        norm = RMSNorm(cfg.rms_eps, cfg.dtype, cfg.param_dtype, name="final_norm")
+        return tuple((norm(x_PTD), norm(x_BAD)) for x_PTD, x_BAD in xs)

@@ -1,5 +1,6 @@
 """The host loop: build the run, resume, call the compiled step, log, save, export."""
 
+import ctypes
 import dataclasses
 import functools
 import json
@@ -485,7 +486,17 @@ def _timed_compile(run, placement, state, k, log):
     log(f"Compiling the self-play iteration ({k} per call)...")
     compiled, seconds = compile_step(run, placement, state, k)
     log(f"Compiled in {seconds:.1f} s.{_memory_summary(compiled)}")
+    release_freed_memory()
     return compiled
+
+
+def release_freed_memory() -> None:
+    """Hands the heap memory that XLA's compiler used and freed back to the system (glibc
+    keeps it otherwise: ~0.7 GB of resident memory after compiling the CPU default)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # Not glibc (macOS, musl): nothing to do.
+        pass
 
 
 def _memory_summary(compiled) -> str:

@@ -22,7 +22,7 @@ from lsp_jax import rl, sampling, sharding
 from lsp_jax.game import rewards
 from lsp_jax.game.advantages import advantages, group_stats
 from lsp_jax.game.splice import content_lengths, splice_segments
-from lsp_jax.model import Llama, LlamaConfig, init_cache, param_axes, unembedding, vocab_logits
+from lsp_jax.model import LlamaConfig, SharedPrefixLlama, param_axes, unembedding, vocab_logits
 
 
 @struct.dataclass
@@ -185,14 +185,9 @@ def _role_rows(queries, solver):
 def reference_logprobs(cfg: StepConfig, frozen: Frozen, queries, solver):
     """The frozen reference model's log-probs of the answers [B, A] and (not GRPO) of
     the queries [N, Q], for the KL terms."""
-    solver_rows, challenger_rows = _role_rows(queries, solver)
-    ref_sol_BA = completion_logprobs(cfg.reference, frozen.ref_params, *solver_rows, cfg)
-    ref_ch_NQ = (
-        None
-        if challenger_rows is None
-        else completion_logprobs(cfg.reference, frozen.ref_params, *challenger_rows, cfg)
-    )
-    return {"solver": ref_sol_BA, "challenger": ref_ch_NQ}
+    rows = [r for r in _role_rows(queries, solver) if r is not None]
+    ref_sol_BA, *ref_ch = groups_logprobs(cfg.reference, frozen.ref_params, rows, cfg)
+    return {"solver": ref_sol_BA, "challenger": ref_ch[0] if ref_ch else None}
 
 
 def update(cfg: StepConfig, optimizer, state: TrainState, queries, solver, scores, reference):
@@ -294,13 +289,15 @@ def _normalizer(cfg: StepConfig, mask):
     return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
 
-def _role_loss(cfg: StepConfig, params, role):
-    """(loss contribution, log-probs [rows, T]) of one role's rows of a batch or chunk."""
+def _role_rows_of(role):
+    """(prompt, prompt mask, tokens [rows, T], mask) of one role of a batch or chunk."""
     tokens = role["tokens"].reshape(-1, role["tokens"].shape[-1])
-    mask = role["mask"].reshape(tokens.shape)
-    logp = completion_logprobs(
-        cfg.policy, params, role["prompt"], role["prompt_mask"], tokens, mask, cfg
-    )
+    return role["prompt"], role["prompt_mask"], tokens, role["mask"].reshape(tokens.shape)
+
+
+def _role_loss(cfg: StepConfig, role, logp):
+    """One role's loss contribution, given its log-probs [rows, T]."""
+    _, _, tokens, mask = _role_rows_of(role)
     loss, _ = rl.policy_loss(
         logp,
         role["ref_logp"].reshape(tokens.shape),
@@ -311,16 +308,19 @@ def _role_loss(cfg: StepConfig, params, role):
         aggregation=cfg.aggregation,
         normalizer=role["normalizer"],
     )
-    return loss, logp
+    return loss
 
 
 def _chunk_loss(cfg: StepConfig, params, chunk):
     """L_Sol + α_Ch·L_Ch of one chunk of queries (each term already divided by the
     whole batch's normalizer); aux: the chunk's log-probs per role."""
-    loss, logp_sol = _role_loss(cfg, params, chunk["solver"])
-    logp = {"solver": logp_sol}
+    names = [name for name in ("solver", "challenger") if name in chunk]
+    # Both roles in one pass through the layers: one gradient buffer, not one per pass.
+    rows = [_role_rows_of(chunk[name]) for name in names]
+    logp = dict(zip(names, groups_logprobs(cfg.policy, params, rows, cfg)))
+    loss = _role_loss(cfg, chunk["solver"], logp["solver"])
     if "challenger" in chunk:
-        loss_ch, logp["challenger"] = _role_loss(cfg, params, chunk["challenger"])
+        loss_ch = _role_loss(cfg, chunk["challenger"], logp["challenger"])
         loss = rl.lsp_loss(loss, loss_ch, alpha_challenger=cfg.alpha_challenger)
     return loss, logp
 
@@ -490,31 +490,27 @@ def judge_scores(cfg: StepConfig, ref_params, tokens_BT, mask_BT, templates, rng
 
 def forward_with_prefix(model_cfg, params, prefix_PT, prefix_mask_PT, tokens_BA, mask_BA):
     """Runs P prefixes once, then B = P·k continuations (row b continues prefix b // k)
-    through the KV cache, as the sampler does; gradients flow through both parts.
+    attending to them, as the sampler does; gradients flow through both parts.
 
     Returns:
       (hidden_BAD of the continuation tokens, last_BD: each row's final hidden state,
       prefix_last_BD: the prefix's final hidden state, which predicts token 0).
     """
-    num_prefixes, prefix_len = prefix_PT.shape
-    batch, length = tokens_BA.shape
-    model = Llama(model_cfg)
-    cache = init_cache(model_cfg, num_prefixes, prefix_len + length)
-    prefix_PTD, cache = model.apply(
-        {"params": params},
-        prefix_PT,
-        mask_BT=prefix_mask_PT,
-        cache=cache,
-        attend_bound=prefix_len,
-        return_hidden=True,
-    )
-    group = batch // num_prefixes
-    cache = sampling.broadcast_cache(cache, group)
-    hidden_BAD, _ = model.apply(
-        {"params": params}, tokens_BA, mask_BT=mask_BA, cache=cache, return_hidden=True
-    )
-    prefix_last_BD = jnp.repeat(prefix_PTD[:, -1], group, axis=0)
-    return hidden_BAD, hidden_BAD[:, -1], prefix_last_BD
+    group = (prefix_PT, prefix_mask_PT, tokens_BA, mask_BA)
+    return forward_groups(model_cfg, params, [group])[0]
+
+
+def forward_groups(model_cfg, params, groups):
+    """`forward_with_prefix` of several groups [(prefix_PT, prefix_mask_PT, tokens_BA,
+    mask_BA), ...] in one pass through the layers (SharedPrefixLlama), so that their
+    gradient is built once. Returns one forward_with_prefix triple per group."""
+    hidden = SharedPrefixLlama(model_cfg).apply({"params": params}, tuple(groups))
+    out = []
+    for (prefix_PT, *_), (prefix_PTD, hidden_BAD) in zip(groups, hidden):
+        group = hidden_BAD.shape[0] // prefix_PT.shape[0]
+        prefix_last_BD = jnp.repeat(prefix_PTD[:, -1], group, axis=0)
+        out.append((hidden_BAD, hidden_BAD[:, -1], prefix_last_BD))
+    return out
 
 
 def completion_logprobs(model_cfg, params, prompt_PT, prompt_mask_PT, tokens_BA, mask_BA, cfg):
@@ -524,11 +520,24 @@ def completion_logprobs(model_cfg, params, prompt_PT, prompt_mask_PT, tokens_BA,
     temperature as the sampler, so these equal the sampler's log-probs when params are
     the sampling params (the metric `logprob/max_sampler_gap` checks it).
     """
-    hidden_BAD, _, prefix_last_BD = forward_with_prefix(
-        model_cfg, params, prompt_PT, prompt_mask_PT, tokens_BA, mask_BA
-    )
-    # Token 0 is predicted by the prompt's last position, token t by completion t - 1.
-    hidden_BAD = jnp.concatenate([prefix_last_BD[:, None], hidden_BAD[:, :-1]], axis=1)
+    rows = (prompt_PT, prompt_mask_PT, tokens_BA, mask_BA)
+    return groups_logprobs(model_cfg, params, [rows], cfg)[0]
+
+
+def groups_logprobs(model_cfg, params, groups, cfg):
+    """`completion_logprobs` of several groups of rows (e.g. the Solver's and the
+    Challenger's) from one pass through the layers; a list of [B, A] arrays."""
+    out = []
+    for (_, _, tokens_BA, _), (hidden_BAD, _, prefix_last_BD) in zip(
+        groups, forward_groups(model_cfg, params, groups)
+    ):
+        # Token 0 is predicted by the prompt's last position, token t by completion t - 1.
+        hidden_BAD = jnp.concatenate([prefix_last_BD[:, None], hidden_BAD[:, :-1]], axis=1)
+        out.append(_token_logprobs(model_cfg, params, hidden_BAD, tokens_BA, cfg))
+    return out
+
+
+def _token_logprobs(model_cfg, params, hidden_BAD, tokens_BA, cfg):
     if cfg.logprob_chunk:
         matrix, layout = unembedding(model_cfg, params)
         return rl.chunked_token_logprobs(

@@ -1,0 +1,1 @@
+"""Training: experiment configs, the one-program self-play step, the host loop."""
