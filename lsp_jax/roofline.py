@@ -72,10 +72,10 @@ def format_costs(
     bf16 weights, and the roofline estimate of the iteration with the MFU it implies."""
     lines = [
         f"Per chip, counted from the compiled program (loops x trip counts; decode loops at "
-        f"their full length). Roofline ESTIMATE on {generation.name}: "
+        f"their full length; HBM bytes at fusion boundaries, an upper bound). Roofline ESTIMATE on {generation.name}: "
         f"{generation.peak_flops / 1e12:.0f} TFLOP/s, HBM {generation.hbm_bandwidth / 1e9:.0f} "
         f"GB/s, ICI {generation.ici_bandwidth / 1e9:.0f} GB/s per chip.",
-        f"  {'phase':<19}{'FLOPs':>10}{'HBM':>12}{'collectives':>12}{'all-gather':>12}"
+        f"  {'phase':<19}{'FLOPs':>11}{'HBM':>13}{'collectives':>13}{'all-gather':>13}"
         f"{'est. s':>10}  bound",
     ]
     total_s = 0.0
@@ -86,11 +86,11 @@ def format_costs(
         est = estimate(costs, generation)
         total_s += est.seconds
         lines.append(
-            f"  {phase:<19}{costs.flops:10.3e}{_size(costs.hbm_bytes):>12}"
-            f"{_size(costs.total_collective_bytes):>12}{_size(costs.all_gather_bytes):>12}"
+            f"  {phase:<19}{costs.flops:11.3e}{_size(costs.hbm_bytes):>13}"
+            f"{_size(costs.total_collective_bytes):>13}{_size(costs.all_gather_bytes):>13}"
             f"{est.seconds:10.4f}  {est.bound}"
         )
-    lines.append(f"  {'iteration (sum)':<19}{'':46}{total_s:10.4f}")
+    lines.append(f"  {'iteration (sum)':<19}{'':50}{total_s:10.4f}")
     if model_flops:
         mfu = model_flops / (total_s * num_chips * generation.peak_flops)
         lines.append(f"  MFU this estimate implies (analytic model FLOPs): {100 * mfu:.1f}%")
