@@ -72,7 +72,8 @@ def format_costs(
     bf16 weights, and the roofline estimate of the iteration with the MFU it implies."""
     lines = [
         f"Per chip, counted from the compiled program (loops x trip counts; decode loops at "
-        f"their full length; HBM bytes at fusion boundaries, an upper bound). Roofline ESTIMATE on {generation.name}: "
+        f"their full length; HBM bytes at fusion boundaries, an upper bound). Roofline "
+        f"ESTIMATE on {generation.name}: "
         f"{generation.peak_flops / 1e12:.0f} TFLOP/s, HBM {generation.hbm_bandwidth / 1e9:.0f} "
         f"GB/s, ICI {generation.ici_bandwidth / 1e9:.0f} GB/s per chip.",
         f"  {'phase':<19}{'FLOPs':>11}{'HBM':>13}{'collectives':>13}{'all-gather':>13}"
