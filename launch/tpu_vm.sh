@@ -42,7 +42,8 @@ Environment:
   QUEUED_RESOURCE_ID  queued resource name (default: $TPU_NAME-qr)
   CREATE_ARGS         extra flags for the create command, e.g. "--reserved"
   REPO                for setup: a git URL (cloned on the workers; REPO_REF picks a branch,
-                      tag or commit) or a local lsp_jax folder (copied with scp)
+                      tag or commit) or a local lsp_jax folder (copied with scp; in a git
+                      checkout only the files git tracks or would track, not runs/)
   CONFIG              for train: config file inside the repo, e.g. configs/lsp_llama3_2_3b.py
   WORKDIR             for train: checkpoint/log folder all hosts share, e.g. gs://BUCKET/run;
                       training with the same WORKDIR resumes from its last checkpoint
@@ -159,6 +160,16 @@ is_git_url() {
   esac
 }
 
+# NUL-separated paths (relative to the git checkout $1) of the files git tracks or would
+# track, leaving out tracked files deleted from the work tree.
+source_files() {
+  local path
+  git -C "$1" ls-files -z --cached --others --exclude-standard |
+    while IFS= read -r -d '' path; do
+      if [[ -e "$1/$path" || -L "$1/$path" ]]; then printf '%s\0' "$path"; fi
+    done
+}
+
 # Puts the lsp_jax source in ~/lsp_jax on every worker.
 sync_source() {
   : "${REPO:?set REPO to a git URL or a local lsp_jax folder to install on the workers}"
@@ -173,8 +184,17 @@ sync_source() {
     die "REPO=$REPO is neither a git URL nor a local folder with setup.py."
   local tarball="${TMPDIR:-/tmp}/lsp_jax_src_$TPU_NAME.tar.gz"
   export COPYFILE_DISABLE=1 # macOS tar: no ._* resource-fork files in the archive
-  run tar -C "$REPO" --exclude=.git --exclude=__pycache__ --exclude='*.pyc' --exclude=.venv \
-    --exclude=venv --exclude='*.egg-info' --exclude=.pytest_cache -czf "$tarball" .
+  if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    # Only the source: what git tracks or would track (edits and new files included), never
+    # what it ignores (runs/, venvs, caches), which can be gigabytes after a laptop run.
+    local file_list="${TMPDIR:-/tmp}/lsp_jax_src_$TPU_NAME.files"
+    source_files "$REPO" >"$file_list"
+    run tar -C "$REPO" --null --files-from="$file_list" -czf "$tarball"
+  else
+    run tar -C "$REPO" --exclude=.git --exclude=__pycache__ --exclude='*.pyc' --exclude=.venv \
+      --exclude=venv --exclude='*.egg-info' --exclude=.pytest_cache --exclude=./runs \
+      -czf "$tarball" .
+  fi
   run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:lsp_jax_src.tar.gz" \
     "${GCLOUD_FLAGS[@]}" --worker=all
   # Unpack next to the old copy, then swap, so removed files do not linger; never under a run.

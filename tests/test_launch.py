@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def test_setup_from_local_folder_copies_to_every_worker(tmp_path):
     assert_on_all_workers(commands)
     tar = next(c for c in commands if c[0] == "tar")
     tarball = tar[tar.index("-czf") + 1]
-    assert tar[tar.index("-C") + 1] == str(REPO) and "--exclude=.git" in tar
+    assert tar[tar.index("-C") + 1] == str(REPO)
     (scp,) = gcloud_commands(commands, "tpu-vm", "scp")
     assert scp[4:7] == ["scp", tarball, "lsp-pod:lsp_jax_src.tar.gz"]
     assert_pod_flags(scp)
@@ -280,6 +281,49 @@ def test_help_and_unknown_command(tmp_path):
     assert result.returncode != 0 and "unknown command 'launch'" in result.stderr
 
 
+def small_checkout(tmp_path, *, git=True):
+    """A checkout holding lsp_jax's launch scripts and setup.py, plus what a laptop run
+    leaves beside the source: an ignored runs/ folder and a venv."""
+    repo = tmp_path / "checkout"
+    shutil.copytree(LAUNCH, repo / "launch")
+    shutil.copy(REPO / "setup.py", repo / "setup.py")
+    (repo / ".gitignore").write_text("/runs/\n.venv/\n")
+    if git:
+        identity = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
+        for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "source"]):
+            subprocess.run(["git", "-C", str(repo), *identity, *args], check=True, timeout=60)
+        (repo / "launch" / "gpu.sh").unlink()  # A tracked file deleted, not yet committed.
+    (repo / "runs" / "smollm2_cpu").mkdir(parents=True)
+    (repo / "runs" / "smollm2_cpu" / "checkpoint.bin").write_bytes(b"\0" * 4096)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "python").write_text("")
+    (repo / "notes.md").write_text("a new file, not ignored\n")
+    return repo
+
+
+def packed_names(tmp_path, repo):
+    """Runs the tar command `setup` prints for REPO=repo; the archive's member names."""
+    setup = tpu_dry_run(tmp_path, ["setup"], REPO=str(repo))
+    tar = next(c for c in setup if c[0] == "tar")
+    subprocess.run(tar, check=True, timeout=60)
+    with tarfile.open(tar[tar.index("-czf") + 1]) as archive:
+        return {os.path.normpath(name) for name in archive.getnames()}
+
+
+def test_setup_ships_only_what_git_tracks(tmp_path):
+    names = packed_names(tmp_path, small_checkout(tmp_path))
+    assert {"launch/tpu_vm.sh", "setup.py", ".gitignore", "notes.md"} <= names
+    assert "launch/gpu.sh" not in names  # Deleted in the work tree.
+    for left_out in ("runs", ".venv", ".git"):
+        assert not any(n == left_out or n.startswith(left_out + "/") for n in names), names
+
+
+def test_setup_outside_git_still_leaves_runs_behind(tmp_path):
+    names = packed_names(tmp_path, small_checkout(tmp_path, git=False))
+    assert {"launch/tpu_vm.sh", "setup.py", "notes.md"} <= names
+    assert not any(n.startswith(("runs", ".venv")) for n in names), names
+
+
 # --- tpu_vm.sh: the worker-side commands, run here against a fake lsp-jax -----------------
 
 FAKE_LSP_JAX = """#!/usr/bin/env bash
@@ -330,8 +374,9 @@ def test_worker_side_train_logs_status_and_stop(tmp_path):
         return run_worker_side(remote_command(argv), home)
 
     # setup: the printed tar runs here, its tarball stands in for the scp, then each worker
-    # unpacks it into ~/lsp_jax.
-    setup = tpu_dry_run(tmp_path, ["setup"])
+    # unpacks it into ~/lsp_jax. A small checkout: what else lies in this one (runs/ after
+    # the main job) does not matter to the test.
+    setup = tpu_dry_run(tmp_path, ["setup"], REPO=str(small_checkout(tmp_path)))
     tar = next(c for c in setup if c[0] == "tar")
     subprocess.run(tar, check=True, timeout=60)
     tarball = Path(tar[tar.index("-czf") + 1])
