@@ -123,5 +123,23 @@ def test_hf_folder_reexported_with_its_tokenizer(tmp_path, capsys):
         name = "model.layers.0.self_attn.q_proj.weight"
         assert f.get_slice(name).get_dtype() == "BF16"
     assert cli.main(args) == 2
-    assert "out already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "out already exists and is not empty; choose another --out or pass --overwrite" in error
     assert cli.main([*args, "--overwrite"]) == 0
+
+
+def test_convert_into_an_existing_empty_folder(tmp_path, capsys):
+    config = LlamaConfig.tiny()
+    init = lambda: Llama(config).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
+    shapes = meta.unbox(jax.eval_shape(init)["params"])
+    params = jax.tree.map(lambda s: np.full(s.shape, 0.01, np.float32), shapes)
+    backend = Tokenizer(models.BPE())
+    backend.save(str(tmp_path / "tokenizer.json"))
+    save_hf(tmp_path / "src", config, params, extra_files=[tmp_path / "tokenizer.json"])
+    (tmp_path / "out").mkdir()  # `mkdir out && lsp-jax convert ... --out out`
+    args = ["convert", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "out")]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    (tmp_path / "file").write_text("not a folder")
+    assert cli.main([*args[:-1], str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

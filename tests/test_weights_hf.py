@@ -251,6 +251,15 @@ def test_sharded_export_index(hf, untied, tokens_BT, tmp_path):
     _tree_equal(load_hf(out)[1], params)
 
 
+def test_save_hf_into_an_existing_empty_folder(tmp_path, untied):
+    _, folder = untied
+    config, params = load_hf(folder)
+    (tmp_path / "out").mkdir()
+    out = save_hf(tmp_path / "out", config, params)
+    _tree_equal(load_hf(out)[1], params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_export_is_atomic(untied, tmp_path, monkeypatch):
     _, folder = untied
     config, params = load_hf(folder)

@@ -10,7 +10,6 @@ AutoModelForCausalLM load the folder.
 import tempfile
 from pathlib import Path
 
-from lsp_jax.errors import UserError
 from lsp_jax.weights import sources
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -31,7 +30,11 @@ def add_arguments(parser):
         help="Model source: Hugging Face folder, .gguf file, run checkpoint, or a named "
         f"model ({', '.join(sources.NAMED_MODELS)}).",
     )
-    parser.add_argument("--out", required=True, help="Folder to write (must not exist).")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="Folder to write (new or empty; a non-empty one needs --overwrite).",
+    )
     parser.add_argument(
         "--dtype",
         choices=_DTYPES,
@@ -49,8 +52,10 @@ def _storage_dtype(name):
 
 def convert(model, out, *, dtype=None, overwrite=False) -> Path:
     """Writes the model source `model` as a Hugging Face folder `out`; returns its path."""
-    if Path(out).expanduser().exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another --out or pass --overwrite.")
+    from lsp_jax.weights.hf import check_new_folder
+
+    if not overwrite:
+        check_new_folder(out, hint="choose another --out or pass --overwrite")
     config, params = sources.load_model(model)
     return export_folder(model, out, config, params, dtype=dtype, overwrite=overwrite)
 

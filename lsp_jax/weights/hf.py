@@ -524,6 +524,19 @@ def _generation_config(config: LlamaConfig) -> dict:
     return {key: value for key, value in generation.items() if value is not None}
 
 
+def check_new_folder(path, *, hint: str) -> None:
+    """Raises UserError unless `path` is free to be written: absent, or an empty folder
+    (e.g. made by `mkdir` beforehand). A file or a non-empty folder is never replaced
+    without an explicit overwrite."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a folder; {hint}.")
+    if any(path.iterdir()):
+        raise UserError(f"{path} already exists and is not empty; {hint}.")
+
+
 def _replace_folder(new: Path, final: Path) -> None:
     """Puts `new` at `final` by renames: the final name never holds a partial folder."""
     if not final.exists():
@@ -559,15 +572,16 @@ def save_hf(
         addressable (gather sharded multi-host arrays first).
       max_shard_bytes: largest shard size in bytes.
       dtype: dtype to store (default: the parameters' own).
-      overwrite: replace an existing folder at `path` (else raise UserError).
+      overwrite: replace an existing folder at `path` (else only a new or empty folder
+        is written, and anything else raises UserError).
       extra_files: files copied into the folder (tokenizer.json, ...).
 
     Returns:
       The folder path.
     """
     final = Path(path).expanduser()
-    if final.exists() and not overwrite:
-        raise UserError(f"{final} already exists; choose a new folder or pass overwrite=True.")
+    if not overwrite:
+        check_new_folder(final, hint="choose a new folder or pass overwrite=True")
     exports = _exports(config, params, dtype)
     hf_config = config.to_hf_config()
     hf_config["torch_dtype"] = exports[0].dtype.name
