@@ -2,9 +2,21 @@
 
 import orbax.checkpoint as ocp
 
+from lsp_jax import paths
+from lsp_jax.errors import UserError
 from lsp_jax.weights.runs import checkpoint_manager, find_run, read_run_info, write_run_info
 
-__all__ = ["checkpoint_manager", "find_run", "read_run_info", "restore", "save", "write_run_info"]
+__all__ = [
+    "checkpoint_manager",
+    "find_run",
+    "read_run_info",
+    "restore",
+    "restore_newest_intact",
+    "save",
+    "write_run_info",
+]
+
+DAMAGED_SUFFIX = ".damaged"  # Orbax lists only folders named by a step number.
 
 
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
@@ -16,3 +28,55 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     """Restores the full train state (onto the shardings of `abstract_state`)."""
     step = manager.latest_step() if step is None else step
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def restore_newest_intact(workdir, manager, abstract_state, *, keep, log):
+    """(state, manager) from the newest checkpoint that restores.
+
+    A newer step folder that fails to restore while an older one restores is damaged (a
+    truncated file, a deleted metadata file): it is renamed STEP.damaged, so that it is
+    kept for inspection but neither listed nor overwritten, and one line names it. When
+    no step restores, the problem is not damage (e.g. the config changed since the run
+    was made): UserError, nothing renamed.
+    """
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = restore(manager, abstract_state, step)
+        except Exception as error:  # Orbax and tensorstore raise many types.
+            failures.append((step, error))
+            continue
+        if failures:
+            manager = _set_aside(workdir, manager, failures, step, keep=keep, log=log)
+        return state, manager
+    detail = "; ".join(f"step {s}: {type(e).__name__}: {_first_line(e)}" for s, e in failures)
+    raise UserError(
+        f"No checkpoint in {paths.join(workdir, 'checkpoints')} could be restored ({detail}). "
+        "If the config changed since this run was made (model, optimizer), train in a new "
+        "--workdir."
+    )
+
+
+def _first_line(error) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _set_aside(workdir, manager, failures, good_step, *, keep, log):
+    import jax
+
+    manager.close()
+    for step, error in failures:
+        folder = paths.join(workdir, "checkpoints", str(step))
+        target = folder + DAMAGED_SUFFIX
+        if jax.process_index() == 0:  # One host moves the shared folder.
+            number = 1
+            while paths.exists(target):
+                number += 1
+                target = f"{folder}{DAMAGED_SUFFIX}{number}"
+            paths.epath(folder).rename(paths.epath(target))
+        log(
+            f"Checkpoint {folder} is damaged ({type(error).__name__}: {_first_line(error)}); "
+            f"moved it to {target} and resumed from step {good_step}."
+        )
+    return checkpoint_manager(workdir, keep=keep)

@@ -1,7 +1,7 @@
 """Run outputs: metrics JSONL, samples JSONL, TensorBoard events, a progress line."""
 
 import json
-import math
+import logging
 import os
 import secrets
 import shutil
@@ -14,11 +14,34 @@ from lsp_jax import paths
 
 
 def _jsonable(value):
+    """A JSON-ready Python value. NaN and ±inf stay floats: json.dumps writes them as
+    NaN / Infinity / -Infinity (which json.loads, pandas and jq read), so a diverging
+    run's metrics say so instead of showing null."""
     value = np.asarray(value)
     if value.ndim == 0:
-        value = value.item()
-        return None if isinstance(value, float) and not math.isfinite(value) else value
+        return value.item()
     return value.tolist()
+
+
+def _line_step(line: str) -> int | None:
+    """The "step" of one JSONL record, or None for a line that is not one (a line cut
+    off by a kill in the middle of a write)."""
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def keep_through_step(text: str, step: int) -> str:
+    """The lines of a metrics or samples JSONL text up to iteration `step`: what a run
+    resumed from the checkpoint of `step` keeps (it writes the later ones again)."""
+    kept = []
+    for line in text.splitlines(keepends=True):
+        line_step = _line_step(line)
+        if line_step is not None and line_step <= step and line.endswith("\n"):
+            kept.append(line)
+    return "".join(kept)
 
 
 class MetricsWriter:
@@ -33,18 +56,23 @@ class MetricsWriter:
     object, so log every step only when a step takes a second or more.
     """
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None):
+        """resume_step: the iteration the run (re)starts from; lines of later iterations,
+        written before a crash or kill after the last checkpoint, are dropped so that
+        the resumed run does not log those iterations twice. None keeps every line."""
         self._tb = None
+        # NaN and inf are logged on purpose (a diverging run); not one warning each.
+        logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
         if paths.is_remote(workdir):
             paths.check_backend(workdir)
-            self._metrics = _RewrittenObject(paths.join(workdir, "metrics.jsonl"))
-            self._samples = _RewrittenObject(paths.join(workdir, "samples.jsonl"))
+            self._metrics = _RewrittenObject(paths.join(workdir, "metrics.jsonl"), resume_step)
+            self._samples = _RewrittenObject(paths.join(workdir, "samples.jsonl"), resume_step)
             if tensorboard:
                 self._tb = _StagedTensorBoard(paths.join(workdir, "tensorboard"))
             return
         os.makedirs(workdir, exist_ok=True)
-        self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        self._samples = open(os.path.join(workdir, "samples.jsonl"), "a", encoding="utf-8")
+        self._metrics = _open_for_append(os.path.join(workdir, "metrics.jsonl"), resume_step)
+        self._samples = _open_for_append(os.path.join(workdir, "samples.jsonl"), resume_step)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -72,14 +100,32 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _open_for_append(path: str, resume_step: int | None):
+    """A local JSONL file opened for appending, cut back to `resume_step` first."""
+    if resume_step is not None and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        kept = keep_through_step(text, resume_step)
+        if kept != text:
+            paths.write_text(path, kept)
+    return open(path, "a", encoding="utf-8")
+
+
 class _RewrittenObject:
     """A text file on an object store, written like a file opened in append mode: the
     whole content (earlier lines included) is rewritten as one object at each flush."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, resume_step: int | None = None):
         self._path = path
         self._data = bytearray(paths.read_bytes(path) if paths.exists(path) else b"")
         self._dirty = False
+        if resume_step is not None:
+            text = self._data.decode("utf-8", errors="replace")
+            kept = keep_through_step(text, resume_step)
+            if kept != text:
+                self._data = bytearray(kept.encode("utf-8"))
+                self._dirty = True
+                self.flush()
 
     def write(self, text: str) -> None:
         self._data += text.encode("utf-8")

@@ -166,13 +166,28 @@ def test_sigkill_after_a_checkpoint_resumes_and_finishes(tmp_path):
     many = "--config.train.num_steps=400"
     proc = _spawn(tmp_path, many)
     _wait_for(tmp_path / "checkpoints" / "2", proc)
+    # A second trainer on the same workdir is refused while the first one runs.
+    second = _spawn(tmp_path, many)
+    try:
+        output, _ = second.communicate(timeout=120)
+    finally:
+        second.kill()
+    assert second.returncode == 2, output
+    assert "Another trainer is running" in output and f"pid {proc.pid} " in output, output
+    assert "Traceback" not in output
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    # The lock died with its holder: the resumed run starts, and logs each iteration once.
     done = _spawn(tmp_path, "--config.train.num_steps=8")
     output, _ = done.communicate(timeout=300)
     assert done.returncode == 0, output
     assert "Resumed from" in output and "Done: 8 iterations" in output
+    import json
+
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        steps = [json.loads(r)["step"] for r in (tmp_path / name).read_text().splitlines()]
+        assert steps == list(range(1, 9)), (name, steps)
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_iteration(tmp_path):
@@ -223,3 +238,120 @@ def test_reward_model_with_another_vocabulary_is_refused(tmp_path, capsys):
     (other / "tokenizer_config.json").write_text(json.dumps(config))
     code, err = _fail(capsys, f"--config.reward.model={other}")
     assert code == 2 and "another tokenizer" in err and str(other) in err
+
+
+def test_nonfinite_gradient_is_skipped_in_graph_and_counted():
+    import optax
+
+    from lsp_jax.train.optim import consecutive_skips, skip_metrics, skip_nonfinite
+
+    optimizer = skip_nonfinite(optax.adam(0.1))
+    params = {"w": np.ones(3, np.float32)}
+    state = optimizer.init(params)
+    step = jax.jit(lambda g, s, p: optimizer.update(g, s, p))
+    for bad in (np.nan, np.inf):
+        updates, new_state = step({"w": np.array([1.0, bad, 1.0], np.float32)}, state, params)
+        np.testing.assert_array_equal(updates["w"], 0.0)  # Nothing reaches the parameters,
+        for a, b in zip(jax.tree.leaves(new_state.inner), jax.tree.leaves(state.inner)):
+            np.testing.assert_array_equal(a, b)  # nor Adam's moments or step count.
+        state = new_state
+    assert consecutive_skips(state) == 2 and int(state.total) == 2
+    assert float(skip_metrics(state)["optim/skipped"]) == 1.0
+    # A finite gradient whose update would overflow the parameters is skipped too.
+    huge = {"w": np.full(3, 3e38, np.float32)}
+    updates, state = jax.jit(lambda g, s, p: skip_nonfinite(optax.sgd(-1.0)).update(g, s, p))(
+        huge, skip_nonfinite(optax.sgd(-1.0)).init(huge), huge
+    )
+    assert consecutive_skips(state) == 1 and not np.any(updates["w"])
+    state = optimizer.init(params)
+    updates, state = step({"w": np.ones(3, np.float32)}, state, params)
+    assert consecutive_skips(state) == 0 and np.all(np.asarray(updates["w"]) != 0)
+
+
+def test_diverging_run_stops_with_an_error_and_saves_nothing_non_finite(tmp_path, capsys):
+    import json
+
+    args = ["train", "--config", TINY, "--workdir", str(tmp_path)]
+    code = cli.main([*args, "--config.optim.lr=1e9", "--config.train.num_steps=8"])
+    err = capsys.readouterr().err
+    assert code == 1 and "diverged" in err and "max_nonfinite_steps=3" in err, err
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) < 8 and rows[-1]["optim/skipped_consecutive"] == 3
+    assert any(isinstance(v, float) and np.isnan(v) for v in rows[-1].values())  # Not null.
+    assert not (tmp_path / "export").exists()
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert steps and max(steps) <= len(rows) - 3  # None written during the skipped streak.
+    params = final_params(tmp_path)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+def _checkpoint_steps(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    import shutil
+
+    first = tmp_path / "truncated"
+    assert loop.train(tiny_config(), str(first), log=lambda *_: None) == 0
+    assert _checkpoint_steps(first) == [1, 2, 3]
+    second = tmp_path / "no_metadata"
+    shutil.copytree(first, second)
+    data = [p for p in (first / "checkpoints" / "3").rglob("*") if p.is_file()]
+    for path in data:  # Every file cut in half, as by a full disk or a killed copy.
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (second / "checkpoints" / "3" / "default" / "_METADATA").unlink()
+    for workdir in (first, second):
+        lines = []
+        config = tiny_config(**{"train.num_steps": 4})
+        assert loop.train(config, str(workdir), log=lines.append) == 0
+        damaged = [line for line in lines if "is damaged" in line]
+        assert len(damaged) == 1 and str(workdir / "checkpoints" / "3") in damaged[0], lines
+        assert "resumed from step 2" in damaged[0]
+        assert "Resumed from" in "\n".join(lines) and "iteration 2." in "\n".join(lines)
+        assert _checkpoint_steps(workdir)[-1] == 4
+        assert (workdir / "checkpoints" / "3.damaged").is_dir()  # Kept for inspection.
+
+
+def test_resume_rewrites_no_iteration_twice_in_the_logs(tmp_path):
+    import json
+    import shutil
+
+    assert loop.train(tiny_config(), str(tmp_path), log=lambda *_: None) == 0
+    # As after a kill -9 once iteration 3 was logged but before its checkpoint (and a
+    # line cut off in the middle of a write).
+    shutil.rmtree(tmp_path / "checkpoints" / "3")
+    shutil.rmtree(tmp_path / "checkpoints" / "2")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss/tot')
+    assert loop.train(tiny_config(), str(tmp_path), log=lambda *_: None) == 0
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        steps = [json.loads(r)["step"] for r in (tmp_path / name).read_text().splitlines()]
+        assert steps == sorted(steps) and sorted(set(steps)) == [1, 2, 3], (name, steps)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_workdir_problems_give_one_clear_error(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, err = _fail_in(capsys, blocker / "run")
+    assert code == 2 and "a file is in the way" in err and "Traceback" not in err
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.access(read_only, os.W_OK):  # Running as root, which ignores permissions.
+
+        def refuse(path):
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(loop.paths, "makedirs", refuse)
+    try:
+        code, err = _fail_in(capsys, read_only)
+        assert code == 2 and "not writable" in err and "Traceback" not in err
+    finally:
+        read_only.chmod(0o755)
+
+
+def _fail_in(capsys, workdir):
+    code = cli.main(["train", "--config", TINY, "--workdir", str(workdir)])
+    return code, capsys.readouterr().err

@@ -85,6 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
         # Every N iterations, also time the phases as separate programs (0: never).
         # Costs one extra compile per phase and one extra iteration's work each time.
         phase_times_every=0,
+        # Stop (exit 1) after this many iterations in a row whose loss or gradient was
+        # not finite; such updates are always skipped in-graph (lsp_jax.train.optim).
+        max_nonfinite_steps=3,
     )
     c.mesh = dict(
         shape=(1, -1, 1),  # ('data', 'fsdp', 'tensor'); -1 takes the remaining devices.

@@ -1,10 +1,13 @@
 """The host loop: build the run, resume, call the compiled step, log, save, export."""
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
 import json
+import os
 import signal
+import sys
 import time
 
 import jax
@@ -18,9 +21,10 @@ from lsp_jax.errors import UserError
 from lsp_jax.game.advantages import check_group_size, check_mode
 from lsp_jax.game.templates import TemplateTexts, build_templates
 from lsp_jax.rl import check_loss_options
+from lsp_jax.train import lock as lock_lib
 from lsp_jax.train import phases
 from lsp_jax.train import placement as placement_lib
-from lsp_jax.train.optim import make_optimizer
+from lsp_jax.train.optim import consecutive_skips, make_optimizer
 from lsp_jax.train.step import Frozen, StepConfig, init_state
 from lsp_jax.weights import sources
 
@@ -376,8 +380,9 @@ class _StopFlag:
 
 def train(config, workdir: str, *, log=print) -> int:
     """Trains until config.train.num_steps iterations; resumes from WORKDIR if it holds
-    a checkpoint. Returns a process exit code (143 when stopped by SIGTERM)."""
-    paths.makedirs(workdir)  # A gs:// workdir: checks gcsfs is installed, before any work.
+    a checkpoint. Returns a process exit code (143 when stopped by SIGTERM, 1 when the
+    run diverged: train.max_nonfinite_steps updates in a row were skipped)."""
+    check_workdir(workdir)  # A gs:// workdir: checks gcsfs is installed, before any work.
     # Installed first, so that a preemption while loading or compiling also ends cleanly.
     stop = _StopFlag()
     previous = signal.signal(signal.SIGTERM, stop)
@@ -387,12 +392,42 @@ def train(config, workdir: str, *, log=print) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def check_workdir(workdir: str) -> None:
+    """Creates WORKDIR, or raises UserError when it cannot be a run folder (a path under
+    a file, no permission to write)."""
+    try:
+        paths.makedirs(workdir)
+        if not paths.is_remote(workdir):
+            probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(
+            f"--workdir {workdir}: a file is in the way (the path or one of its parents is "
+            "a file, not a folder). Pass a folder path for --workdir."
+        ) from None
+    except PermissionError:
+        raise UserError(
+            f"--workdir {workdir} is not writable (permission denied). Pass a folder you "
+            "can write to, or fix its permissions."
+        ) from None
+    except OSError as error:
+        raise UserError(f"--workdir {workdir} cannot be used: {error.strerror}.") from None
+
+
 def _train(config, workdir, stop, log):
-    t = config.train
     mesh = make_mesh(config)
+    lead = jax.process_index() == 0  # On a pod, one host writes logs and exports.
+    # The lead host holds the workdir for the whole run (checked before loading models).
+    with lock_lib.WorkdirLock(workdir) if lead else contextlib.nullcontext():
+        return _train_locked(config, workdir, mesh, lead, stop, log)
+
+
+def _train_locked(config, workdir, mesh, lead, stop, log):
+    t = config.train
     run = build_run(config, mesh)
     policy = run.step_cfg.policy
-    lead = jax.process_index() == 0  # On a pod, one host writes logs and exports.
     if not lead:
         log = lambda *_: None
     if lead:
@@ -415,9 +450,17 @@ def _train(config, workdir, stop, log):
     state = placement_lib.place_state(run.params, run.optimizer, t.seed, placement)
     run.params = None  # Host copy no longer needed.
     if manager.latest_step() is not None:
-        state = checkpoint.restore(manager, state)
+        state, manager = checkpoint.restore_newest_intact(
+            workdir, manager, state, keep=t.keep_checkpoints, log=log
+        )
         log(f"Resumed from {workdir} at iteration {int(state.step)}.")
-    writer = metrics_lib.MetricsWriter(workdir) if lead else metrics_lib.NullWriter()
+    # Lines logged after the restored checkpoint (before a crash) are written again.
+    resume_step = int(state.step)
+    writer = (
+        metrics_lib.MetricsWriter(workdir, resume_step=resume_step)
+        if lead
+        else metrics_lib.NullWriter()
+    )
     try:
         return _loop(config, workdir, run, placement, state, manager, writer, stop, log)
     finally:
@@ -467,19 +510,56 @@ def _loop(config, workdir, run, placement, state, manager, writer, stop, log):
         if samples and step % t.log_every == 0:
             progress.write(_sample_text(samples[0]))
         progress.update(k)
+        skipped = consecutive_skips(state.opt_state)
+        if skipped >= t.max_nonfinite_steps:
+            progress.close()
+            return _diverged(manager, step, skipped, t.max_nonfinite_steps)
+        if skipped:
+            # The parameters did not change: a checkpoint would only push out older ones.
+            continue
         if t.checkpoint_every and step % t.checkpoint_every == 0:
-            checkpoint.save(manager, step, state)
+            _save(manager, step, state)
         if t.export_every and step % t.export_every == 0:
             export(workdir, run, state.params, step, log)
     progress.close()
     if manager.latest_step() != step:
-        checkpoint.save(manager, step, state)
+        _save(manager, step, state)
     if stop.set:
         log(f"Stopped by SIGTERM at iteration {step}; checkpoint saved. Rerun to resume.")
         return 143
     path = export(workdir, run, state.params, step, log)
     log(f"Done: {step} iterations. Hugging Face export: {path}")
     return 0
+
+
+def _save(manager, step: int, state) -> None:
+    """A checkpoint of `state`, never of non-finite parameters (which the skip guard
+    keeps out of the update, but a source can hold)."""
+    if not all_finite(state.params):
+        raise UserError(
+            f"The parameters at iteration {step} are not finite (NaN or inf); no checkpoint "
+            "is written. Check the model source's weights."
+        )
+    checkpoint.save(manager, step, state)
+
+
+def all_finite(tree) -> bool:
+    finite = jax.jit(lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in t])))
+    return bool(finite(jax.tree.leaves(tree)))
+
+
+def _diverged(manager, step: int, skipped: int, limit: int) -> int:
+    latest = manager.latest_step()
+    kept = f"the newest checkpoint is iteration {latest}" if latest else "no checkpoint exists"
+    print(
+        f"lsp-jax train: error: the run diverged: the last {skipped} iterations (up to "
+        f"{step}) had a non-finite loss or gradient, and their updates were skipped "
+        f"(train.max_nonfinite_steps={limit}). Nothing after iteration {step - skipped} was "
+        f"saved or exported; {kept}. Fix: lower optim.lr or optim.clip, or check the "
+        "rewards (metrics.jsonl shows NaN and Infinity as such).",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _timed_compile(run, placement, state, k, log):
@@ -516,6 +596,8 @@ def export(workdir, run: Run, params, step: int, log) -> str:
     from lsp_jax.commands.convert import export_folder
 
     path = paths.join(workdir, "export", f"step_{step:06d}")
+    if not all_finite(params):
+        raise UserError(f"The parameters at iteration {step} are not finite; nothing exported.")
     # Every host takes part in gathering the sharded parameters; the first one writes.
     params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:

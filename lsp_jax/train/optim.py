@@ -1,5 +1,10 @@
-"""The optax chain: clip, AdamW with a warmup + schedule, gradient accumulation."""
+"""The optax chain: clip, AdamW with a warmup + schedule, gradient accumulation, and a
+guard that skips updates whose gradient (or result) is not finite."""
 
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
 import optax
 
 from lsp_jax.errors import UserError
@@ -48,4 +53,68 @@ def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
     chain = optax.chain(*parts)
     if optim.grad_accum > 1:
         chain = optax.MultiSteps(chain, every_k_schedule=optim.grad_accum)
-    return chain
+    # Outermost, so a bad iteration is not even accumulated by MultiSteps.
+    return skip_nonfinite(chain)
+
+
+class SkipNonfiniteState(NamedTuple):
+    """The wrapped optimizer's state and two int32 counters of skipped updates."""
+
+    inner: optax.OptState
+    consecutive: jax.Array  # Skipped updates since the last applied one.
+    total: jax.Array  # Skipped updates in the whole run.
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Applies `inner` only when the gradient, the update and the updated parameters are
+    all finite; otherwise the update is zero, `inner`'s state (Adam moments, schedule
+    count) is left as it was and the skip is counted.
+
+    Unlike optax.apply_if_finite, it never lets a non-finite update through after a
+    number of skips: stopping a run that keeps diverging is the host loop's job
+    (train.max_nonfinite_steps), and its parameters stay the last good ones.
+    """
+
+    def init(params):
+        zero = jnp.zeros((), jnp.int32)
+        return SkipNonfiniteState(inner=inner.init(params), consecutive=zero, total=zero)
+
+    def update(grads, state, params=None):
+        updates, inner_state = inner.update(grads, state.inner, params)
+        finite = _all_finite(grads) & _all_finite(updates)
+        if params is not None:
+            # A finite update can still overflow the parameters it is added to.
+            finite &= _all_finite(optax.apply_updates(params, updates))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        skipped = (~finite).astype(jnp.int32)
+        new_state = SkipNonfiniteState(
+            inner=keep(inner_state, state.inner),
+            consecutive=jnp.where(finite, 0, state.consecutive + 1),
+            total=state.total + skipped,
+        )
+        return updates, new_state
+
+    return optax.GradientTransformation(init, update)
+
+
+def skip_metrics(opt_state) -> dict:
+    """Per-iteration metrics of the skip guard (float32 scalars, logged every iteration):
+    'optim/skipped' 1 when this iteration's update was skipped, and the counters."""
+    if not isinstance(opt_state, SkipNonfiniteState):
+        return {}
+    return {
+        "optim/skipped": (opt_state.consecutive > 0).astype(jnp.float32),
+        "optim/skipped_consecutive": opt_state.consecutive.astype(jnp.float32),
+        "optim/skipped_total": opt_state.total.astype(jnp.float32),
+    }
+
+
+def consecutive_skips(opt_state) -> int:
+    """Host side: how many updates in a row were skipped up to the latest iteration."""
+    return int(opt_state.consecutive) if isinstance(opt_state, SkipNonfiniteState) else 0

@@ -23,6 +23,7 @@ from lsp_jax.game import rewards
 from lsp_jax.game.advantages import advantages, group_stats
 from lsp_jax.game.splice import content_lengths, splice_segments
 from lsp_jax.model import LlamaConfig, SharedPrefixLlama, param_axes, unembedding, vocab_logits
+from lsp_jax.train.optim import skip_metrics
 
 
 @struct.dataclass
@@ -235,6 +236,7 @@ def update(cfg: StepConfig, optimizer, state: TrainState, queries, solver, score
         challenger_adv_N,
     )
     metrics.update(judge_metrics)
+    metrics.update(skip_metrics(opt_state))
     rollout = {
         "query_tokens": queries["tokens"],
         "query_lengths": queries["content_lengths"],
