@@ -87,3 +87,34 @@ def test_config_file_with_unknown_key_is_refused(tmp_path):
 def test_missing_config_file_names_it():
     with pytest.raises(UserError, match="nope.py"):
         config_lib.load_config("configs/nope.py")
+
+
+@pytest.mark.parametrize(
+    "body, line, kind",
+    [
+        ("def get_config(arg=None):\n    c = default_config(\n    return c\n", 3, "SyntaxError"),
+        ("def get_config(arg=None):\n    c = default_config()\n    return c.nope\n", 4, ""),
+        ("def get_config(arg=None):\n    return undefined_name\n", 3, "NameError"),
+    ],
+)
+def test_config_file_errors_name_file_and_line(tmp_path, capsys, body, line, kind):
+    from lsp_jax import cli
+
+    path = tmp_path / "broken.py"
+    path.write_text("from lsp_jax.train.config import default_config\n" + body)
+    code = cli.main(["train", "--config", str(path), "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{path}:{line}" in err and kind in err and "Traceback" not in err, err
+
+
+def test_lengths_and_stray_flags_are_usage_errors(tmp_path, capsys):
+    from lsp_jax import cli
+
+    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    args = ["train", "--config", tiny, "--workdir", str(tmp_path / "run")]
+    for key in ("game.max_answer_tokens", "game.max_query_tokens", "reward.judge_max_tokens"):
+        assert cli.main([*args, f"--config.{key}=0"]) == 2
+        err = capsys.readouterr().err
+        assert f"{key}=0" in err and "max_new_tokens" not in err, err
+    assert cli.main([*args, "--bogus"]) == 2
+    assert "unrecognized argument '--bogus'" in capsys.readouterr().err

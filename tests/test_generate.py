@@ -3,6 +3,7 @@ run on SmolLM2 (when its package is installed)."""
 
 import json
 import re
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -111,3 +112,49 @@ def test_generate_smollm2_end_to_end(tmp_path, capsys):
     chat = generate.encode_prompts(["Hi"], model.tokenizer, model.chat, raw=False, system=None)
     assert chat == [model.prompt_ids([{"role": "user", "content": "Hi"}])]
     assert np.all(np.isin(generate.stop_ids(model.tokenizer, model.chat), [2]))
+
+
+def _cli(capsys, *args):
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_flags_are_checked_before_the_model_loads(capsys, tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    for flags, named in [
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-k", "-1"], "--top-k"),
+        (["--temperature", "-1"], "--temperature"),
+    ]:
+        code, err = _cli(capsys, "generate", "--model", missing, "--prompt", "x", *flags)
+        assert code == 2 and named in err and "no_such_model" not in err, err
+
+
+def test_empty_raw_prompt_is_refused(capsys):
+    code, err = _cli(capsys, "generate", "--model", "tiny-random", "--raw", "--prompt", "")
+    assert code == 2 and "Prompt 1 is empty" in err and "Traceback" not in err, err
+
+
+def test_truncated_safetensors_is_named(capsys, tmp_path):
+    import shutil
+
+    from lsp_jax.weights import sources
+
+    folder = tmp_path / "model"
+    shutil.copytree(sources.resolve("tiny-random").path, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, err = _cli(capsys, "generate", "--model", str(folder), "--prompt", "hi")
+    assert code == 2 and str(weights) in err and "truncated" in err, err
+    root = Path(__file__).resolve().parent.parent
+    code, err = _cli(
+        capsys,
+        "train",
+        "--config",
+        str(root / "configs" / "tiny.py"),
+        "--workdir",
+        str(tmp_path / "run"),
+        f"--config.model.source={folder}",
+    )
+    assert code == 2 and str(weights) in err and "truncated" in err, err

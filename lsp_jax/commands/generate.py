@@ -94,13 +94,24 @@ def stop_ids(tokenizer, chat) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def sampler_from_args(args, stops, pad_id):
-    from lsp_jax.sampling import SamplerConfig
-
+def check_args(args) -> None:
+    """Refuses bad flag values before anything is loaded."""
     if args.temperature < 0:
         raise UserError(f"--temperature {args.temperature}; use a value >= 0 (0 = greedy).")
     if args.num_samples < 1 or args.batch_size < 1:
         raise UserError("--num-samples and --batch-size must be at least 1.")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}; it must be at least 1.")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}; use a value in (0, 1] (1 = off).")
+    if args.top_k < 0:
+        raise UserError(f"--top-k {args.top_k}; use a value >= 0 (0 = off).")
+
+
+def sampler_from_args(args, stops, pad_id):
+    from lsp_jax.sampling import SamplerConfig
+
+    check_args(args)
     return SamplerConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature if args.temperature > 0 else 1.0,
@@ -184,18 +195,25 @@ def run(args) -> int:
         texts += read_prompts(args.prompts_file)
     if not texts:
         raise UserError("No prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
+    check_args(args)
     import jax
 
     from lsp_jax.weights import sources
 
     started = time.perf_counter()
-    config, params = sources.load_model(args.model, scan_layers=not args.unroll_layers)
-    params = jax.device_put(params)
     tokenizer = sources.load_tokenizer(args.model)
     chat = None if args.raw else sources.load_chat_template(args.model, tokenizer=tokenizer)
     rows = encode_prompts(texts, tokenizer, chat, raw=args.raw, system=args.system)
+    empty = [i + 1 for i, row in enumerate(rows) if not row]
+    if empty:
+        raise UserError(
+            f"Prompt {empty[0]} is empty: with --raw it becomes no tokens at all, and the "
+            "model needs at least one to continue. Give it some text."
+        )
     pad_id = 0 if tokenizer.pad_id is None else int(tokenizer.pad_id)
     sampler = sampler_from_args(args, stop_ids(tokenizer, chat), pad_id)
+    config, params = sources.load_model(args.model, scan_layers=not args.unroll_layers)
+    params = jax.device_put(params)
     loaded = time.perf_counter()
     results = generate(
         config,

@@ -24,14 +24,15 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from lsp_jax.errors import UserError
     from lsp_jax.train import config as config_lib
 
     overrides = []
     for item in args.overrides:
         if not item.startswith("--config."):
-            raise SystemExit(
-                f"lsp-jax train: unrecognized argument {item!r}; overrides are "
-                "written --config.SECTION.KEY=VALUE."
+            raise UserError(
+                f"unrecognized argument {item!r}; overrides are written "
+                "--config.SECTION.KEY=VALUE (see lsp-jax train --help)."
             )
         overrides.append(item[len("--config.") :])
     config = config_lib.load_config(args.config)

@@ -4,6 +4,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import traceback
 
 import ml_collections
 
@@ -144,13 +145,35 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise UserError(f"Config file not found: {path}. Pass --config configs/NAME.py.")
     module_spec = importlib.util.spec_from_file_location("lsp_jax_user_config", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise UserError(f"{path} defines no get_config(arg=None) function.")
-    config = module.get_config(arg or None)
+    try:
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise UserError(f"{path} defines no get_config(arg=None) function.")
+        config = module.get_config(arg or None)
+    except UserError:
+        raise
+    except Exception as error:  # The user's Python: say where it failed, in one line.
+        raise UserError(_config_error_message(path, error)) from None
     _check_keys(config, default_config(), prefix="")
     config.lock()
     return config
+
+
+def _config_error_message(path, error) -> str:
+    """'Config file FILE:LINE: ErrorType: message' for an error raised by a config file
+    (a syntax error, or an exception in its code)."""
+    if isinstance(error, SyntaxError):
+        line, detail = error.lineno, error.msg
+    else:
+        target = os.path.abspath(path)
+        frames = [
+            f
+            for f in traceback.extract_tb(error.__traceback__)
+            if os.path.abspath(f.filename) == target
+        ]
+        line, detail = (frames[-1].lineno if frames else None), str(error)
+    where = f"{path}:{line}" if line else path
+    return f"Config file {where}: {type(error).__name__}: {detail}. Fix the file and rerun."
 
 
 def _check_keys(config, reference, prefix):

@@ -77,6 +77,14 @@ def check_config(config) -> None:
             f"game.num_queries={config.game.num_queries} (micro-batches are whole queries "
             "with their answers)."
         )
+    lengths = {
+        "game.max_query_tokens": config.game.max_query_tokens,
+        "game.max_answer_tokens": config.game.max_answer_tokens,
+        "reward.judge_max_tokens": config.reward.judge_max_tokens,
+    }
+    for key, value in lengths.items():
+        if value < 1:
+            raise UserError(f"{key}={value}; it must be at least 1. Fix: --config.{key}=N.")
 
 
 def _dtype(name: str):

@@ -13,7 +13,7 @@ from pathlib import Path
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bf16 safetensors)
 import numpy as np
 from flax.linen import meta
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from lsp_jax.errors import UserError
@@ -334,7 +334,7 @@ class _SafetensorsFolder(Mapping):
     def _handle(self, name: str):
         file = self._file_of[name]
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(file, framework="np"))
+            self._handles[file] = self._stack.enter_context(_safe_open(file))
         return self._handles[file]
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -358,6 +358,18 @@ class _SafetensorsFolder(Mapping):
         return name in self._file_of
 
 
+def _safe_open(path: Path):
+    """safe_open(path), with a damaged file (truncated, not safetensors) named in a
+    UserError instead of safetensors' low-level error."""
+    try:
+        return safe_open(path, framework="np")
+    except (SafetensorError, OSError) as error:
+        raise UserError(
+            f"{path} is not a readable safetensors file ({error}); it may be truncated by an "
+            "interrupted download or copy. Fetch or copy it again."
+        ) from None
+
+
 def _safetensors_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> file, from the shard index or the files' own headers."""
     index = folder / INDEX_FILE
@@ -379,7 +391,7 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
         )
     files = {}
     for path in paths:
-        with safe_open(path, framework="np") as handle:
+        with _safe_open(path) as handle:
             files.update({name: path for name in handle.keys()})  # noqa: SIM118
     return files
 
