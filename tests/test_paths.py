@@ -135,7 +135,7 @@ def test_local_metrics_append_across_resume(tmp_path):
     second.close()
     assert (tmp_path / "metrics.jsonl").read_text() == (
         '{"step": 0}\n'
-        '{"step": 1, "kl": null, "reward/solver": 0.5}\n'
+        '{"step": 1, "kl": NaN, "reward/solver": 0.5}\n'
         '{"step": 2, "reward/solver": 0.25}\n'
     )
     assert (tmp_path / "samples.jsonl").read_text(encoding="utf-8") == (
@@ -180,7 +180,7 @@ def test_remote_metrics_rewritten_whole_and_kept_on_resume(fake_gcs):
     first = MetricsWriter(WORKDIR)
     first.write_metrics(1, {"reward/solver": 0.5, "kl": float("inf")})
     # Visible after each write, not only at close (a preempted run keeps its lines).
-    first_lines = b'{"step": 0}\n{"step": 1, "kl": null, "reward/solver": 0.5}\n'
+    first_lines = b'{"step": 0}\n{"step": 1, "kl": Infinity, "reward/solver": 0.5}\n'
     assert _object(fake_gcs, metrics) == first_lines
     first.write_samples(1, [{"query": "q1"}])
     first.write_samples(1, [])  # Nothing new: no rewrite.
@@ -191,7 +191,7 @@ def test_remote_metrics_rewritten_whole_and_kept_on_resume(fake_gcs):
     second.close()
     assert _object(fake_gcs, metrics) == (
         b'{"step": 0}\n'
-        b'{"step": 1, "kl": null, "reward/solver": 0.5}\n'
+        b'{"step": 1, "kl": Infinity, "reward/solver": 0.5}\n'
         b'{"step": 2, "reward/solver": 0.25}\n'
     )
     assert _object(fake_gcs, samples) == (
@@ -199,6 +199,10 @@ def test_remote_metrics_rewritten_whole_and_kept_on_resume(fake_gcs):
     )
     jsonl_writes = [p for p in fake_gcs.writes if p.endswith(".jsonl")]
     assert jsonl_writes == ["/bucket/run/metrics.jsonl", "/bucket/run/samples.jsonl"] * 2
+    # Resumed from the checkpoint of step 1: the lines of step 2 are dropped at once.
+    MetricsWriter(WORKDIR, resume_step=1, tensorboard=False).close()
+    assert _object(fake_gcs, metrics) == first_lines
+    assert _object(fake_gcs, samples) == b'{"step": 1, "query": "q1"}\n'
 
 
 def test_remote_tensorboard_events_uploaded_per_writer(fake_gcs):
