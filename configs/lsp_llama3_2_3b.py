@@ -44,6 +44,11 @@ def get_config(arg=None):
     c.loss.aggregation = "sequence_sum"
     c.loss.logprob_chunk = 128  # Never materialize [B, T, 128256] logits.
     c.optim.lr = 1e-6 if mode == "grpo" else 3e-6
+    if mode == "grpo":
+        # The paper's GRPO baseline ran TRL's GRPOTrainer: match its defaults (see
+        # configs/grpo_llama3_2_3b.py): group-std-normalized advantages, per-token loss.
+        c.game.normalize_std = True
+        c.loss.aggregation = "token_mean"
     c.optim.grad_accum = 2
     c.train.num_steps = 1500
     c.train.checkpoint_every = 100

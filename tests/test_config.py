@@ -118,3 +118,40 @@ def test_lengths_and_stray_flags_are_usage_errors(tmp_path, capsys):
         assert f"{key}=0" in err and "max_new_tokens" not in err, err
     assert cli.main([*args, "--bogus"]) == 2
     assert "unrecognized argument '--bogus'" in capsys.readouterr().err
+
+
+def _checked(**overrides):
+    from lsp_jax.train.loop import check_config
+
+    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    config = config_lib.load_config(tiny)
+    config_lib.apply_overrides(config, [f"{k}={v}" for k, v in overrides.items()])
+    check_config(config)
+
+
+def test_self_judge_reward_in_lsp_mode_is_refused():
+    with pytest.raises(UserError, match="always 0.*game.mode=lsp_zero"):
+        _checked(**{"reward.kind": "self_judge", "game.mode": "lsp"})
+    _checked(**{"reward.kind": "self_judge", "game.mode": "lsp_zero"})
+    # The missing-reward-model error suggests only combinations that train a Challenger.
+    with pytest.raises(UserError) as error:
+        _checked(**{"reward.model": ""})
+    assert "reward.kind=self_judge --config.game.mode=lsp_zero" in str(error.value)
+
+
+@pytest.mark.parametrize("mode", ["lsp", "lsp_zero"])
+def test_a_single_query_is_refused_where_the_challenger_learns(mode):
+    with pytest.raises(UserError, match="num_queries is 1.*at least 2 queries"):
+        _checked(**{"game.mode": mode, "game.num_queries": 1})
+    _checked(**{"game.mode": mode, "game.num_queries": 2})
+
+
+def test_grpo_config_matches_trl_defaults():
+    grpo = os.path.join(os.path.dirname(__file__), "..", "configs", "grpo_llama3_2_3b.py")
+    config = config_lib.load_config(grpo)
+    # TRL's GRPOTrainer: advantages divided by the group's std, loss averaged per token.
+    assert config.game.normalize_std and config.loss.aggregation == "token_mean"
+    assert config.loss.kl_estimator == "k3"  # TRL's per-token KL estimator.
+    lsp = config_lib.load_config(grpo.replace("grpo_", "lsp_"))
+    assert not lsp.game.normalize_std and lsp.loss.aggregation == "sequence_sum"  # The paper.
+    _checked(**{"game.mode": "grpo", "game.num_queries": 1})  # No Challenger: one is fine.

@@ -355,3 +355,24 @@ def test_workdir_problems_give_one_clear_error(tmp_path, capsys, monkeypatch):
 def _fail_in(capsys, workdir):
     code = cli.main(["train", "--config", TINY, "--workdir", str(workdir)])
     return code, capsys.readouterr().err
+
+
+def test_end_of_turn_always_stops_both_roles(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(sources.resolve("tiny-random").path, folder)
+    # Files that name only the end-of-text token as a stop (as Llama-3.2's base files do).
+    for name in ("config.json", "generation_config.json"):
+        hf_config = json.loads((folder / name).read_text())
+        hf_config["eos_token_id"] = 256
+        (folder / name).write_text(json.dumps(hf_config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["eos_token"] = "<|endoftext|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    chat = sources.load_chat_template(str(folder))
+    assert 258 not in chat.tokenizer.stop_ids and chat.end_of_turn_id == 258  # <|im_end|>
+    run = loop.build_run(tiny_config(**{"model.source": str(folder)}))
+    for role in (run.step_cfg.challenger, run.step_cfg.solver):
+        assert 258 in role.stop_tokens and 256 in role.stop_tokens

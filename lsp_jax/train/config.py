@@ -29,7 +29,9 @@ def default_config() -> ml_collections.ConfigDict:
         scan_layers=False,
     )
     c.reward = dict(
-        kind="model",  # model | self_judge | none: what R(q, a) is (see configs/README).
+        # What R(q, a) is: model (reward.model scores), self_judge (the reference
+        # judge's score; not with game.mode=lsp), none (0: LSP on the quality reward).
+        kind="model",
         model="",  # A LlamaForSequenceClassification checkpoint, for kind=model.
         preset="",  # Its architecture as a LlamaConfig preset, for `lsp-jax aot`.
         judge_mode="expected",  # expected | sampled: how the reference judge scores.

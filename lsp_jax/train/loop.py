@@ -65,11 +65,28 @@ def check_config(config) -> None:
     if config.reward.kind == "model" and not config.reward.model:
         raise UserError(
             "reward.kind=model needs a reward model: pass --config.reward.model=PATH to a "
-            "LlamaForSequenceClassification folder (e.g. Skywork-Reward-V2-Llama-3.2-3B), "
-            "or use --config.reward.kind=self_judge to score with the reference judge."
+            "LlamaForSequenceClassification folder (e.g. Skywork-Reward-V2-Llama-3.2-3B). "
+            "Without one: --config.reward.kind=self_judge --config.game.mode=lsp_zero (the "
+            "reference judge's score is R) or --config.reward.kind=none (LSP on the quality "
+            "self-reward alone)."
+        )
+    if config.reward.kind == "self_judge" and config.game.mode == "lsp":
+        raise UserError(
+            "reward.kind=self_judge with game.mode=lsp makes R and the quality self-reward "
+            "R_Q the same judge score, so the Challenger's reward -V(q) + V_Q(q) is always 0 "
+            "and it never learns. Fix: --config.game.mode=lsp_zero (R = the judge's score, "
+            "Challenger reward -V(q)), or --config.reward.kind=none (LSP on R_Q alone), or "
+            "a reward model (--config.reward.kind=model --config.reward.model=PATH)."
         )
     if config.game.num_queries < 1:
         raise UserError(f"game.num_queries={config.game.num_queries} must be at least 1.")
+    if config.game.num_queries < 2 and config.game.mode in ("lsp", "lsp_zero"):
+        raise UserError(
+            f"game.num_queries is {config.game.num_queries}, but mode {config.game.mode!r} "
+            "needs at least 2 queries: the Challenger's baseline is the mean reward over "
+            "the iteration's queries, so with a single query its advantage is always zero. "
+            "Fix: set --config.game.num_queries=2 or more (the paper uses 8)."
+        )
     k = config.train.update_microbatches
     if k < 1 or config.game.num_queries % k:
         raise UserError(
@@ -127,7 +144,9 @@ def build_run(config, mesh=None) -> Run:
         rm_chat = sources.load_chat_template(config.reward.model)
         check_same_tokenizer(chat.tokenizer, rm_chat.tokenizer, config.reward.model)
     templates = build_templates(chat, template_texts(config), rm_chat)
-    step_cfg = make_step_config(config, policy_cfg, ref_cfg, rm_cfg, chat.tokenizer)
+    step_cfg = make_step_config(
+        config, policy_cfg, ref_cfg, rm_cfg, chat.tokenizer, stop_ids=game_stop_ids(chat)
+    )
     prompts = grpo_prompts(config, chat, config.game.max_query_tokens)
     frozen = Frozen(
         ref_params=ref_params, rm_params=rm_params, templates=templates, prompts=prompts
@@ -160,15 +179,26 @@ def template_texts(config) -> TemplateTexts:
     )
 
 
-def make_step_config(config, policy_cfg, ref_cfg, rm_cfg, tokenizer) -> StepConfig:
-    """The static half of the step: model architectures, game sizes, sampler options."""
+def game_stop_ids(chat) -> tuple[int, ...]:
+    """The tokens that end a Challenger query or a Solver answer: the chat template's
+    end of turn (<|eot_id|>, <|im_end|>) always, whatever config.json and
+    generation_config.json list (Llama-3.2's base files list only <|end_of_text|>), and
+    the tokenizer's stop ids."""
+    return tuple(dict.fromkeys([chat.end_of_turn_id, *chat.tokenizer.stop_ids]))
+
+
+def make_step_config(
+    config, policy_cfg, ref_cfg, rm_cfg, tokenizer, *, stop_ids=None
+) -> StepConfig:
+    """The static half of the step: model architectures, game sizes, sampler options.
+    stop_ids: the rollouts' stop tokens (default: the tokenizer's)."""
     g, s = config.game, config.sampling
     sampler = functools.partial(
         sampling.SamplerConfig,
         temperature=s.temperature,
         top_k=s.top_k,
         top_p=s.top_p,
-        stop_tokens=tuple(tokenizer.stop_ids),
+        stop_tokens=tuple(tokenizer.stop_ids if stop_ids is None else stop_ids),
         pad_token=tokenizer.pad_id,
         decode_buckets=s.decode_buckets,
     )
