@@ -40,6 +40,9 @@ def get_config(arg=None):
     c.game.answers_per_query = 2
     c.game.max_query_tokens = 40
     c.game.max_answer_tokens = 64
+    # At these short limits (kept short for speed) most texts are truncated; giving them
+    # their group's minimum would leave most groups without a learning signal.
+    c.game.truncated_reward = "score"
     c.sampling.temperature = 1.0
     c.loss.beta = 0.05
     c.optim.lr = 3e-6

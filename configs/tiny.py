@@ -21,6 +21,8 @@ def get_config(arg=None):
     c.game.challenger_prompt = "Write one question about {task}."
     c.game.task = "numbers"
     c.game.judge_prompt = "Q: {instruction}\nA: {response}\nScore:"
+    # Six-token texts are nearly always truncated: score them, or no group would differ.
+    c.game.truncated_reward = "score"
     c.sampling.decode_buckets = 1  # Fewer loop bodies: faster to compile.
     c.optim.lr = 1e-3
     c.train.num_steps = 3

@@ -69,6 +69,7 @@ def test_expected_judge_score_matches_transformers_logits(hf_models):
 DIGITS = np.arange(50, 58)  # Token ids of "0".."7" in these hand-made sequences.
 TAG_A = (7, 8, 9)  # e.g. "<", "Score", ">"
 TAG_B = (6, 9)  # e.g. " <Score", ">"
+PATTERNS = ((TAG_A, tuple(DIGITS)), (TAG_B, tuple(DIGITS)))
 
 
 def test_sampled_scores_read_the_digit_after_the_last_tag():
@@ -84,16 +85,14 @@ def test_sampled_scores_read_the_digit_after_the_last_tag():
     mask = np.ones((6, 8), bool)
     mask[4, 3:] = False
     scores, parsed = rewards.parse_sampled_score(
-        jnp.asarray(rows), jnp.asarray(mask), (TAG_A, TAG_B), jnp.asarray(DIGITS), fallback=-1.0
+        jnp.asarray(rows), jnp.asarray(mask), PATTERNS, fallback=-1.0
     )
     np.testing.assert_array_equal(np.asarray(parsed), [True, True, False, False, False, True])
     np.testing.assert_array_equal(np.asarray(scores), [5, 6, -1, -1, -1, 0])
 
 
 def test_sampled_parse_compiles_inside_jit():
-    fn = jax.jit(
-        lambda t, m: rewards.parse_sampled_score(t, m, (TAG_A,), jnp.asarray(DIGITS), fallback=3.5)
-    )
+    fn = jax.jit(lambda t, m: rewards.parse_sampled_score(t, m, PATTERNS[:1], fallback=3.5))
     tokens = jnp.asarray([[7, 8, 9, DIGITS[4]], [1, 1, 1, 1]])
     scores, parsed = fn(tokens, jnp.ones((2, 4), bool))
     np.testing.assert_array_equal(np.asarray(scores), [4.0, 3.5])

@@ -328,7 +328,9 @@ def test_resume_rewrites_no_iteration_twice_in_the_logs(tmp_path):
     for name in ("metrics.jsonl", "samples.jsonl"):
         steps = [json.loads(r)["step"] for r in (tmp_path / name).read_text().splitlines()]
         assert steps == sorted(steps) and sorted(set(steps)) == [1, 2, 3], (name, steps)
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    assert all(0.0 < row["judge/digit_mass"] <= 1.0 for row in rows)  # Logged every iteration.
 
 
 def test_workdir_problems_give_one_clear_error(tmp_path, capsys, monkeypatch):

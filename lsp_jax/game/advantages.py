@@ -83,19 +83,38 @@ def advantages(reward_NG, quality_NG=None, *, mode="lsp", normalize_std=False, e
             "Mode 'lsp' needs the quality self-reward (quality_NG) from the reference judge. "
             "Fix: enable it (config reward.self_quality) or use --config.game.mode=lsp_zero."
         )
+    solver_reward_NG, challenger_reward_N = role_rewards(reward_NG, quality_NG, mode=mode)
+    return center_rewards(
+        solver_reward_NG, challenger_reward_N, normalize_std=normalize_std, eps=eps
+    )
+
+
+def role_rewards(reward_NG, quality_NG=None, *, mode="lsp"):
+    """(r_NG, c_N): the Solver's and the Challenger's rewards before their baselines (see
+    `advantages`). V(q) = mean_j R uses the external reward R alone."""
     value_N = jnp.mean(reward_NG, axis=1)
     if mode == "lsp":
-        solver_reward_NG = reward_NG + quality_NG
-        challenger_reward_N = -value_N + jnp.mean(quality_NG, axis=1)
-    elif mode == "lsp_zero":
-        solver_reward_NG = reward_NG
-        challenger_reward_N = -value_N
-    else:  # grpo
-        solver_reward_NG = reward_NG if quality_NG is None else reward_NG + quality_NG
-        challenger_reward_N = jnp.zeros_like(value_N)
+        return reward_NG + quality_NG, -value_N + jnp.mean(quality_NG, axis=1)
+    if mode == "lsp_zero":
+        return reward_NG, -value_N
+    solver_reward_NG = reward_NG if quality_NG is None else reward_NG + quality_NG
+    return solver_reward_NG, jnp.zeros_like(value_N)  # grpo: no Challenger.
+
+
+def center_rewards(solver_reward_NG, challenger_reward_N, *, normalize_std=False, eps=1e-6):
+    """(solver_adv_NG, challenger_adv_N): each reward minus its group mean (over a query's
+    G answers; over the N queries), optionally divided by the group's std (+ eps)."""
     solver_adv_NG = _center(solver_reward_NG, 1, normalize_std, eps)
     challenger_adv_N = _center(challenger_reward_N, 0, normalize_std, eps)
     return solver_adv_NG, challenger_adv_N
+
+
+def truncated_to_group_min(reward_NG, truncated_NG, axis):
+    """Each truncated entry's reward replaced by the minimum over its group (`axis`): an
+    unfinished query or answer never scores above any of its group (game.truncated_reward
+    = group_min)."""
+    low = jnp.min(reward_NG, axis=axis, keepdims=True)
+    return jnp.where(truncated_NG, jnp.broadcast_to(low, reward_NG.shape), reward_NG)
 
 
 def group_stats(reward_NG, *, atol=1e-6):

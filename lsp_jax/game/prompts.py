@@ -1,5 +1,11 @@
 """Default wording of the Challenger and quality-judge prompts (overridable in config).
 
+The judge's format line spells out every possible score tag (<Score>0</Score> ...
+<Score>7</Score>): with a placeholder letter (`<Score>s</Score>`) "s" was a top next
+token after `<Score>` and SmolLM2 put only ~41 % of its mass on the digits; with one
+example value the mass rises but piles onto that value. Spelling all eight gives ~89 %
+(benchmarks/judge_digit_mass.py).
+
 Slots are filled with plain string replacement, so a user's prompt may contain other
 curly braces (templates such as "{question}" are part of the Challenger's task).
 """
@@ -46,8 +52,10 @@ criteria below and add one point for every criterion that holds.
 </Assistant>
 
 First justify your rating briefly (at most 100 words). Then write the sum as \
-<Calculation>a+b+c+d+e+f+g=s</Calculation> and end with <Score>s</Score>, where s \
-is a whole number from 0 to 7."""
+<Calculation>a+b+c+d+e+f+g=total</Calculation> and end with the total in score tags, \
+which is exactly one of <Score>0</Score>, <Score>1</Score>, <Score>2</Score>, \
+<Score>3</Score>, <Score>4</Score>, <Score>5</Score>, <Score>6</Score> or \
+<Score>7</Score>."""
 
 SCORE_TAG = "<Score>"
 

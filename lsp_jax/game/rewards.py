@@ -32,34 +32,49 @@ def expected_judge_score(logits_BV, digit_ids_S):
     return jnp.einsum("BS,S->B", probs_BS, values_S)
 
 
-def parse_sampled_score(tokens_BT, mask_BT, tag_ids_list, digit_ids_S, *, fallback: float):
-    """Reads the digit that follows the last score tag in generated judgements.
+def judge_digit_mass(logits_BV, digit_ids_S):
+    """The probability the judge puts on the score digits right after the score tag,
+    [B] float32: how much of its next-token belief the expected score rests on (logged as
+    judge/digit_mass; a prompt the model follows well gives close to 1)."""
+    # float32: a softmax over the whole vocabulary (bf16 would round small masses away).
+    log_probs_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    digit_log_probs_BS = jnp.take(log_probs_BV, digit_ids_S, axis=-1)
+    return jnp.exp(jax.nn.logsumexp(digit_log_probs_BS, axis=-1))
+
+
+def parse_sampled_score(tokens_BT, mask_BT, score_patterns, *, fallback: float):
+    """Reads the score that follows the last score tag in generated judgements.
 
     Args:
       tokens_BT: generated judgement tokens.
       mask_BT: True at generated (non-pad) tokens.
-      tag_ids_list: token-id tuples that spell the score tag (several, since BPE may
-        split `<Score>` differently after a space or newline).
-      digit_ids_S: token id of each digit 0..S-1.
+      score_patterns: pairs (tag ids, digit ids): a tag spelling (several, since BPE
+        splits `<Score>` and the whitespace after it differently by context) and the
+        token id of each digit 0..S-1 right after it (-1 where that digit is spelled
+        otherwise); lsp_jax.game.templates.score_tag_variants.
       fallback: score given when no tag-digit pair is found.
 
     Returns:
       (scores_B float32, parsed_B bool).
     """
     length = tokens_BT.shape[1]
-    is_digit_BTS = (tokens_BT[:, :, None] == digit_ids_S[None, None, :]) & mask_BT[:, :, None]
-    digit_value_BT = jnp.argmax(is_digit_BTS, axis=-1).astype(jnp.float32)
-    after_tag_BT = jnp.zeros(tokens_BT.shape, bool)
-    for tag in tag_ids_list:
-        matches_BT = jnp.ones(tokens_BT.shape, bool)
+    hit_BT = jnp.zeros(tokens_BT.shape, bool)
+    value_BT = jnp.zeros(tokens_BT.shape, jnp.float32)
+    for tag, digit_ids in score_patterns:
+        # Position t holds the digit; the tag occupies t-len(tag) .. t-1.
+        after_tag_BT = jnp.ones(tokens_BT.shape, bool)
         for k, tag_id in enumerate(tag):
-            # Position t holds the digit; the tag occupies t-len(tag) .. t-1.
             shift = len(tag) - k
             shifted_BT = jnp.pad(tokens_BT, ((0, 0), (shift, 0)), constant_values=-1)[:, :length]
-            matches_BT &= shifted_BT == tag_id
-        after_tag_BT |= matches_BT
-    hit_BT = after_tag_BT & is_digit_BTS.any(axis=-1)
+            after_tag_BT &= shifted_BT == tag_id
+        digits_S = jnp.asarray(digit_ids, jnp.int32)
+        known_S = digits_S >= 0
+        is_digit_BTS = (tokens_BT[:, :, None] == digits_S[None, None, :]) & known_S[None, None, :]
+        is_digit_BTS &= mask_BT[:, :, None]
+        pattern_BT = after_tag_BT & is_digit_BTS.any(axis=-1)
+        value_BT = jnp.where(pattern_BT, jnp.argmax(is_digit_BTS, axis=-1), value_BT)
+        hit_BT |= pattern_BT
     parsed_B = hit_BT.any(axis=-1)
     last_B = jnp.argmax(jnp.where(hit_BT, jnp.arange(length)[None, :], -1), axis=-1)
-    score_B = jnp.take_along_axis(digit_value_BT, last_B[:, None], axis=1)[:, 0]
+    score_B = jnp.take_along_axis(value_BT, last_B[:, None], axis=1)[:, 0]
     return jnp.where(parsed_B, score_B, fallback), parsed_B

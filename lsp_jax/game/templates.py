@@ -31,6 +31,8 @@ class GameTemplates:
     rm_middle: tuple
     rm_suffix: tuple
     digit_ids: jax.Array  # [8] token ids of "0".."7".
+    special_ids: jax.Array  # [K] every special token id, neutralized in generated text.
+    neutral_id: jax.Array  # [] the plain token (a space) that replaces them.
     score_tags: tuple = struct.field(pytree_node=False, default=())
 
 
@@ -100,7 +102,9 @@ def build_templates(policy_chat, texts: TemplateTexts, rm_chat=None) -> GameTemp
         rm_middle=piece(rm_pieces[1]),
         rm_suffix=piece(rm_pieces[2]),
         digit_ids=np.asarray(digit_ids(tokenizer, texts.score_tokens), np.int32),
-        score_tags=score_tag_variants(tokenizer, texts.score_tag),
+        special_ids=np.asarray(sorted(set(tokenizer.special_tokens.values())) or [-1], np.int32),
+        neutral_id=np.asarray(encode(" ")[0], np.int32),
+        score_tags=score_tag_variants(tokenizer, texts.score_tag, texts.score_tokens),
     )
 
 
@@ -139,16 +143,32 @@ def digit_ids(tokenizer, score_tokens=DIGITS) -> list[int]:
     return ids
 
 
-def score_tag_variants(tokenizer, score_tag=prompts.SCORE_TAG) -> tuple[tuple[int, ...], ...]:
-    """Token spellings of the score tag (`<Score>`) as it may appear in generated text (at
-    the start of a line, after a space, or after other text), for reading sampled
-    judgements."""
-    variants = set()
+SCORE_SEPARATORS = ("", " ", "  ", "\n", "\n\n", " \n")  # Between the tag and the score.
+
+
+def score_tag_variants(
+    tokenizer, score_tag=prompts.SCORE_TAG, score_tokens=DIGITS
+) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """Token spellings of the score tag (`<Score>`) followed by a score as they may appear
+    in generated text, for reading sampled judgements: pairs (tag ids, the ids of the
+    score tokens score_tokens[0..S-1] right after that tag, -1 where a score is spelled
+    otherwise).
+
+    The tag may stand at the start of a line, after a space or after other text, and
+    whitespace may separate it from the score ("<Score> 5", "<Score>\n5"). BPE may fold
+    that whitespace into the tag's last token (Llama-3 has one token for ">\n") or into
+    the score's, so each spelling is read from the tokenizer, not assumed.
+    """
+    digits_of = {}
     for before in ("", " ", "\n", "x"):
-        ids = tokenizer.encode(before + score_tag)
         prefix_ids = tokenizer.encode(before) if before else []
-        if ids[: len(prefix_ids)] == prefix_ids:
-            ids = ids[len(prefix_ids) :]
-        if ids:
-            variants.add(tuple(ids))
-    return tuple(sorted(variants))
+        for between in SCORE_SEPARATORS:
+            for value, token in enumerate(score_tokens):
+                ids = tokenizer.encode(before + score_tag + between + token)
+                if ids[: len(prefix_ids)] == prefix_ids:
+                    ids = ids[len(prefix_ids) :]
+                if len(ids) < 2 or not tokenizer.decode(ids[-1:]).endswith(token):
+                    continue
+                digits = digits_of.setdefault(tuple(ids[:-1]), [-1] * len(score_tokens))
+                digits[value] = ids[-1]
+    return tuple(sorted((tag, tuple(digits)) for tag, digits in digits_of.items()))

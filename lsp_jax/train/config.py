@@ -43,6 +43,12 @@ def default_config() -> ml_collections.ConfigDict:
         judge_scores=tuple(str(s) for s in range(8)),
         check_before_train=False,  # Run `lsp-jax reward-check` first; warn if at chance.
         check_prompts=32,  # Prompts (of data.prompts) that reward-check scores.
+        # Sampling temperature of sampled judgements (0: greedy). Low, so that R_Q is the
+        # judge's verdict rather than sampling noise; independent of sampling.temperature.
+        judge_temperature=0.0,
+        # Warn when more than this fraction of an iteration's sampled judgements has no
+        # readable score (they get judge_fallback; judge/parse_failure_rate logs it).
+        judge_parse_failure_warn=0.2,
     )
     c.game = dict(
         mode="lsp",  # lsp | lsp_zero | grpo
@@ -56,6 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
         max_answer_tokens=512,
         alpha_challenger=1.0,
         normalize_std=False,
+        # What a truncated query or answer (no stop token within max_*_tokens) scores:
+        # group_min, the minimum of its group (an unfinished text never beats a finished
+        # one of its group), or score, as if it were complete.
+        truncated_reward="group_min",
     )
     # decode_buckets: the decode loop attends to a growing prefix of the cache in this
     # many stages (cheaper attention, one more compiled loop body per stage).

@@ -20,6 +20,7 @@ GRPO_PROMPTS = 64  # Rows of the abstract prompt set (only its row width matters
 CHARS_PER_TOKEN = 4  # English text in Llama-3's BPE, roughly.
 TURN_TOKENS = 5  # Header and end-of-turn tokens around each chat turn.
 SYSTEM_TOKENS = 30  # Llama-3.2's date block, or ChatML's default system prompt.
+SPECIAL_TOKENS = 256  # Llama-3's special tokens (neutralized in generated text).
 
 
 def architecture(source, preset, *, num_labels=0, **overrides) -> LlamaConfig:
@@ -85,7 +86,9 @@ def templates(config, texts) -> GameTemplates:
         rm_middle=zeros(2 * TURN_TOKENS),
         rm_suffix=zeros(TURN_TOKENS),
         digit_ids=np.arange(len(texts.score_tokens), dtype=np.int32),
-        score_tags=((1, 2, 3),),
+        special_ids=np.arange(SPECIAL_TOKENS, dtype=np.int32),
+        neutral_id=np.asarray(0, np.int32),
+        score_tags=(((1, 2, 3), tuple(range(len(texts.score_tokens)))),),
     )
 
 

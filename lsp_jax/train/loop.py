@@ -30,6 +30,7 @@ from lsp_jax.weights import sources
 
 REWARD_KINDS = ("model", "self_judge", "none")
 JUDGE_MODES = ("expected", "sampled")
+TRUNCATED_REWARDS = ("group_min", "score")
 SUMMARY_KEYS = (
     "reward/solver",
     "quality/solver",
@@ -80,6 +81,16 @@ def check_config(config) -> None:
         )
     if config.game.num_queries < 1:
         raise UserError(f"game.num_queries={config.game.num_queries} must be at least 1.")
+    if config.game.truncated_reward not in TRUNCATED_REWARDS:
+        raise UserError(
+            f"game.truncated_reward={config.game.truncated_reward!r}; choose one of "
+            f"{', '.join(TRUNCATED_REWARDS)}."
+        )
+    if config.reward.judge_temperature < 0:
+        raise UserError(
+            f"reward.judge_temperature={config.reward.judge_temperature}; use a value >= 0 "
+            "(0 = greedy)."
+        )
     if config.game.num_queries < 2 and config.game.mode in ("lsp", "lsp_zero"):
         raise UserError(
             f"game.num_queries is {config.game.num_queries}, but mode {config.game.mode!r} "
@@ -213,8 +224,13 @@ def make_step_config(
         answers_per_query=g.answers_per_query,
         challenger=sampler(max_new_tokens=g.max_query_tokens),
         solver=sampler(max_new_tokens=g.max_answer_tokens),
-        judge=sampler(max_new_tokens=config.reward.judge_max_tokens),
+        judge=sampler(
+            max_new_tokens=config.reward.judge_max_tokens,
+            temperature=config.reward.judge_temperature or 1.0,
+            greedy=config.reward.judge_temperature == 0,
+        ),
         judge_fallback=config.reward.judge_fallback,
+        truncated_reward=g.truncated_reward,
         alpha_challenger=g.alpha_challenger,
         normalize_std=g.normalize_std,
         beta=config.loss.beta,
@@ -510,6 +526,7 @@ def _loop(config, workdir, run, placement, state, manager, writer, stop, log):
     step = int(state.step)
     compiled = {}
     timer = None  # PhaseTimer, made when first needed.
+    parse_warning = _ParseFailureWarning(config.reward)
     progress = tqdm(
         disable=None if jax.process_index() == 0 else True,
         total=t.num_steps,
@@ -540,6 +557,7 @@ def _loop(config, workdir, run, placement, state, manager, writer, stop, log):
                 row.update(phase_times)
                 if _due(config.eval.every, step, k):
                     row.update(run_eval(config, run, state, step, progress.write))
+            parse_warning.check(step, row, progress.write)
             if step % t.log_every == 0 or step == t.num_steps:
                 writer.write_metrics(step, row)
                 progress.write(metrics_lib.summary_line(step, row, SUMMARY_KEYS))
@@ -568,6 +586,33 @@ def _loop(config, workdir, run, placement, state, manager, writer, stop, log):
     path = export(workdir, run, state.params, step, log)
     log(f"Done: {step} iterations. Hugging Face export: {path}")
     return 0
+
+
+class _ParseFailureWarning:
+    """Warns when too many sampled judgements have no readable score: each such answer
+    silently gets reward.judge_fallback. At most once per WARN_EVERY iterations."""
+
+    WARN_EVERY = 100
+
+    def __init__(self, reward_config):
+        self.threshold = reward_config.judge_parse_failure_warn
+        self.fallback = reward_config.judge_fallback
+        self.last = None
+
+    def check(self, step: int, row: dict, write) -> None:
+        rate = row.get("judge/parse_failure_rate")
+        if rate is None or not rate > self.threshold:
+            return
+        if self.last is not None and step - self.last < self.WARN_EVERY:
+            return
+        self.last = step
+        write(
+            f"Warning: at iteration {step}, {float(rate):.0%} of the sampled judgements had "
+            f"no readable <Score> (over reward.judge_parse_failure_warn={self.threshold}); "
+            f"they scored reward.judge_fallback={self.fallback}. Check the judge's samples, "
+            "lower reward.judge_temperature, raise reward.judge_max_tokens, or use "
+            "reward.judge_mode=expected."
+        )
 
 
 def _save(manager, step: int, state) -> None:

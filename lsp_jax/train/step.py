@@ -20,7 +20,12 @@ from flax import struct
 
 from lsp_jax import rl, sampling, sharding
 from lsp_jax.game import rewards
-from lsp_jax.game.advantages import advantages, group_stats
+from lsp_jax.game.advantages import (
+    center_rewards,
+    group_stats,
+    role_rewards,
+    truncated_to_group_min,
+)
 from lsp_jax.game.splice import content_lengths, splice_segments
 from lsp_jax.model import LlamaConfig, SharedPrefixLlama, param_axes, unembedding, vocab_logits
 from lsp_jax.train.optim import skip_metrics
@@ -63,6 +68,7 @@ class StepConfig:
     solver: sampling.SamplerConfig
     judge: sampling.SamplerConfig | None
     judge_fallback: float
+    truncated_reward: str  # score | group_min
     alpha_challenger: float
     normalize_std: bool
     beta: float
@@ -158,8 +164,9 @@ def solver_rollout(cfg: StepConfig, params, frozen: Frozen, queries, rng):
     """G answers to each query: the queries spliced into the Solver's chat turn, each
     prompt prefilled once for its G rows."""
     t = frozen.templates
+    query_NQ, _ = neutralize_special_tokens(queries["tokens"], queries["content_lengths"], t)
     prompt_NP, prompt_mask_NP = splice_segments(
-        [t.user_prefix, (queries["tokens"], queries["content_lengths"]), t.user_suffix],
+        [t.user_prefix, (query_NQ, queries["content_lengths"]), t.user_suffix],
         pad_id=cfg.pad_id,
     )
     with rollout_layout(cfg):
@@ -197,16 +204,8 @@ def update(cfg: StepConfig, optimizer, state: TrainState, queries, solver, score
     params = state.params
     answers = solver["answers"]
     reward_NG, quality_NG, judge_metrics = scores
-    if cfg.kl_estimator == "in_reward":
-        seq_logratio_NG = rl.sequence_logratio(
-            answers.logprobs_BT, reference["solver"], answers.mask_BT
-        ).reshape(reward_NG.shape)
-        reward_NG = rl.kl_in_reward(reward_NG, seq_logratio_NG, cfg.beta)
-    solver_adv_NG, challenger_adv_N = advantages(
-        reward_NG,
-        quality_NG if cfg.mode != "lsp_zero" else None,
-        mode=cfg.mode,
-        normalize_std=cfg.normalize_std,
+    solver_adv_NG, challenger_adv_N, game_metrics = game_advantages(
+        cfg, reward_NG, quality_NG, queries, answers, reference
     )
     batch = loss_batch(cfg, queries, solver, reference, solver_adv_NG, challenger_adv_N)
     loss, logp, grads = loss_and_grads(cfg, params, batch)
@@ -236,6 +235,7 @@ def update(cfg: StepConfig, optimizer, state: TrainState, queries, solver, score
         challenger_adv_N,
     )
     metrics.update(judge_metrics)
+    metrics.update(game_metrics)
     metrics.update(skip_metrics(opt_state))
     rollout = {
         "query_tokens": queries["tokens"],
@@ -388,6 +388,54 @@ def role_metrics(cfg: StepConfig, role, logp):
     return metrics
 
 
+def game_advantages(cfg: StepConfig, reward_NG, quality_NG, queries, answers, reference):
+    """(solver_adv_NG, challenger_adv_N, metrics): LSP.md's advantages, with the options
+    the paper leaves open.
+
+    game.truncated_reward=group_min: a truncated answer's reward (a truncated query's
+    Challenger reward) becomes its group's minimum. loss.kl_estimator=in_reward: each
+    role's reward loses β times the log-ratio of its own sequence (the answer's for the
+    Solver, the query's for the Challenger), after V(q) is taken from R alone.
+    """
+    N, G = reward_NG.shape
+    quality = quality_NG if cfg.mode != "lsp_zero" else None
+    solver_r_NG, challenger_r_N = role_rewards(reward_NG, quality, mode=cfg.mode)
+    truncated_NG = answers.truncated_B.reshape(N, G)
+    truncated_N = queries.get("truncated", jnp.zeros((N,), bool))
+    metrics = {}
+    if cfg.truncated_reward == "group_min":
+        solver_r_NG = truncated_to_group_min(solver_r_NG, truncated_NG, axis=1)
+        if cfg.mode != "grpo":
+            challenger_r_N = truncated_to_group_min(challenger_r_N, truncated_N, axis=0)
+        metrics["truncated/answers_at_group_min"] = jnp.mean(truncated_NG.astype(jnp.float32))
+        metrics["truncated/queries_at_group_min"] = jnp.mean(truncated_N.astype(jnp.float32))
+    if cfg.kl_estimator == "in_reward":
+        logratio_NG = rl.sequence_logratio(
+            answers.logprobs_BT, reference["solver"], answers.mask_BT
+        ).reshape(N, G)
+        solver_r_NG = rl.kl_in_reward(solver_r_NG, logratio_NG, cfg.beta)
+        if reference["challenger"] is not None:
+            logratio_N = rl.sequence_logratio(
+                queries["logprobs"], reference["challenger"], queries["mask"]
+            )
+            challenger_r_N = rl.kl_in_reward(challenger_r_N, logratio_N, cfg.beta)
+    solver_adv_NG, challenger_adv_N = center_rewards(
+        solver_r_NG, challenger_r_N, normalize_std=cfg.normalize_std
+    )
+    return solver_adv_NG, challenger_adv_N, metrics
+
+
+def neutralize_special_tokens(tokens_BL, lengths_B, templates):
+    """Generated tokens with every special token (<|im_start|>, <|start_header_id|>,
+    ...) inside the first `lengths_B` replaced by a plain token, before they are spliced
+    into another model's prompt: a query or answer must not open or close turns in the
+    Solver's, the judge's or the reward model's input. Returns (tokens_BL, count_B)."""
+    special_BL = jnp.isin(tokens_BL, templates.special_ids)
+    inside_BL = jnp.arange(tokens_BL.shape[1])[None, :] < lengths_B[:, None]
+    count_B = jnp.sum(special_BL & inside_BL, axis=1).astype(jnp.float32)
+    return jnp.where(special_BL, templates.neutral_id, tokens_BL), count_B
+
+
 def challenger_rollout(cfg: StepConfig, params, frozen: Frozen, rng, step):
     """The N queries: sampled by the Challenger, or (GRPO) taken from the prompt set."""
     if cfg.mode == "grpo":
@@ -421,10 +469,14 @@ def score_answers(cfg: StepConfig, frozen: Frozen, queries, answers, rng):
     """R (reward model, self-judge or zero) and R_Q (reference judge), each [N, G]."""
     N, G = cfg.num_queries, cfg.answers_per_query
     t = frozen.templates
-    query_BQ = jnp.repeat(queries["tokens"], G, axis=0)
+    query_NQ, query_specials_N = neutralize_special_tokens(
+        queries["tokens"], queries["content_lengths"], t
+    )
+    query_BQ = jnp.repeat(query_NQ, G, axis=0)
     query_len_B = jnp.repeat(queries["content_lengths"], G, axis=0)
     answer_len_B = content_lengths(answers.lengths_B, ~answers.truncated_B)
-    pair = [(query_BQ, query_len_B), (answers.tokens_BT, answer_len_B)]
+    answer_BA, answer_specials_B = neutralize_special_tokens(answers.tokens_BT, answer_len_B, t)
+    pair = [(query_BQ, query_len_B), (answer_BA, answer_len_B)]
     judge_NG, metrics = None, {}
     if cfg.uses_judge:
         # The judge prefix (instructions) is the same for every pair: it is run once.
@@ -446,15 +498,19 @@ def score_answers(cfg: StepConfig, frozen: Frozen, queries, answers, rng):
             tokens,
             mask,
         )[1]
-        kernel_DC = frozen.rm_params["score"]["kernel"].astype(cfg.reward_model.dtype)
+        # float32 head: in bfloat16 a score near 10 is rounded to steps of 0.06.
+        kernel_DC = frozen.rm_params["score"]["kernel"].astype(jnp.float32)
         # The variable part is left-padded: its last column is each row's last token.
-        reward_NG = jnp.einsum("BD,DC->BC", last_BD, kernel_DC)[:, 0].astype(jnp.float32)
-        reward_NG = reward_NG.reshape(N, G)
+        last_BD = last_BD.astype(jnp.float32)
+        reward_NG = jnp.einsum("BD,DC->BC", last_BD, kernel_DC)[:, 0].reshape(N, G)
     elif cfg.reward_kind == "self_judge":
         reward_NG = judge_NG
     else:
         reward_NG = jnp.zeros((N, G), jnp.float32)
     quality_NG = judge_NG if cfg.mode == "lsp" else None
+    # Special tokens the policy wrote inside its text (neutralized above), per sequence.
+    metrics["special_tokens/query"] = jnp.mean(query_specials_N)
+    metrics["special_tokens/answer"] = jnp.mean(answer_specials_B)
     return reward_NG, quality_NG, metrics
 
 
@@ -471,7 +527,9 @@ def judge_scores(cfg: StepConfig, ref_params, tokens_BT, mask_BT, templates, rng
             cfg.reference, ref_params, prefix_1P, prefix_mask_1P, tokens_BT, mask_BT
         )[1]
         logits_BV = vocab_logits(cfg.reference, ref_params, last_BD)
-        return rewards.expected_judge_score(logits_BV, templates.digit_ids), {}
+        digit_mass = jnp.mean(rewards.judge_digit_mass(logits_BV, templates.digit_ids))
+        score_B = rewards.expected_judge_score(logits_BV, templates.digit_ids)
+        return score_B, {"judge/digit_mass": digit_mass}
     batch = tokens_BT.shape[0]
     full_BT = jnp.concatenate(
         [jnp.broadcast_to(prefix_1P, (batch, prefix_1P.shape[1])), tokens_BT], axis=1
@@ -483,7 +541,6 @@ def judge_scores(cfg: StepConfig, ref_params, tokens_BT, mask_BT, templates, rng
         out.tokens_BT,
         out.mask_BT,
         templates.score_tags,
-        templates.digit_ids,
         fallback=cfg.judge_fallback,
     )
     failures = 1.0 - jnp.mean(parsed_B.astype(jnp.float32))
