@@ -49,7 +49,9 @@ def get_config(arg=None):
     c.optim.grad_accum = 1
     c.train.num_steps = 4
     c.train.checkpoint_every = 2
-    c.train.keep_checkpoints = 2
+    # One checkpoint is parameters and Adam's two moments, 3 × 0.54 GB in float32: keep
+    # only the newest, so that the workdir stays ~2.2 GB with the export (README).
+    c.train.keep_checkpoints = 1
     # Print where the time goes once, at the last iteration (lsp_jax.train.phases).
     c.train.phase_times_every = 4
     return c

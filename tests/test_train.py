@@ -378,3 +378,21 @@ def test_end_of_turn_always_stops_both_roles(tmp_path):
     run = loop.build_run(tiny_config(**{"model.source": str(folder)}))
     for role in (run.step_cfg.challenger, run.step_cfg.solver):
         assert 258 in role.stop_tokens and 256 in role.stop_tokens
+
+
+def _size(path):
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def test_default_cpu_run_keeps_a_proportionate_workdir(tmp_path):
+    """The README's main job, scaled down to the tiny model: its train settings leave one
+    checkpoint (parameters + Adam's two moments) and one export, not several copies."""
+    cpu = config_lib.load_config(str(ROOT / "configs" / "smollm2_cpu.py")).train
+    keys = ("num_steps", "checkpoint_every", "keep_checkpoints", "export_every")
+    config = tiny_config(**{f"train.{k}": cpu[k] for k in keys})
+    assert loop.train(config, str(tmp_path), log=lambda *_: None) == 0
+    params = final_params(tmp_path)
+    model_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+    checkpoints = _size(tmp_path / "checkpoints")
+    assert checkpoints < 3.5 * model_bytes, (checkpoints, model_bytes)  # One: θ, m, v.
+    assert _size(tmp_path / "export") < 1.5 * model_bytes
