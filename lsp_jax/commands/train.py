@@ -3,8 +3,11 @@
 EPILOG = """\
 Override any config key with --config.SECTION.KEY=VALUE, for example
   lsp-jax train --config configs/smollm2_cpu.py --workdir runs/cpu --config.train.num_steps=20
-A WORKDIR that already holds a checkpoint resumes from it. Outputs in WORKDIR:
-metrics.jsonl, samples.jsonl, tensorboard/, checkpoints/, export/step_N (Hugging Face).
+A WORKDIR that already holds a checkpoint resumes from it; one trainer at a time may
+use a WORKDIR. Outputs in WORKDIR: metrics.jsonl, samples.jsonl, tensorboard/,
+checkpoints/, export/step_N (Hugging Face).
+Exit status: 0 done, 2 bad input, 1 diverged (train.max_nonfinite_steps skipped updates
+in a row) or another failure, 143 stopped by SIGTERM (checkpoint saved).
 """
 
 
