@@ -44,7 +44,9 @@ def rollouts():
 def gradients(run, rollouts, k, **changes):
     cfg = dataclasses.replace(run.step_cfg, update_microbatches=k, **changes)
     queries, solver, (reward, quality, _), reference = rollouts
-    solver_adv, challenger_adv = step_lib.advantages(reward, quality, mode=cfg.mode)
+    solver_adv, challenger_adv, _ = step_lib.game_advantages(
+        cfg, reward, quality, queries, solver["answers"], reference
+    )
     batch = step_lib.loss_batch(cfg, queries, solver, reference, solver_adv, challenger_adv)
     loss, logp, grads = jax.jit(lambda p, b: step_lib.loss_and_grads(cfg, p, b))(run.params, batch)
     return float(loss), jax.tree.map(np.asarray, logp), jax.tree.map(np.asarray, grads)
@@ -70,7 +72,9 @@ def test_a_chunk_is_whole_queries(rollouts):
     run, outs = rollouts
     queries, solver, (reward, quality, _), reference = outs
     cfg = run.step_cfg
-    sol_adv, ch_adv = step_lib.advantages(reward, quality, mode=cfg.mode)
+    sol_adv, ch_adv, _ = step_lib.game_advantages(
+        cfg, reward, quality, queries, solver["answers"], reference
+    )
     batch = step_lib.loss_batch(cfg, queries, solver, reference, sol_adv, ch_adv)
     chunks = step_lib._split_queries(batch, 4)
     assert chunks["solver"]["tokens"].shape[:3] == (4, 1, 2)
