@@ -178,16 +178,18 @@ def test_sigkill_after_a_checkpoint_resumes_and_finishes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    # The lock died with its holder: the resumed run starts, and logs each iteration once.
-    done = _spawn(tmp_path, "--config.train.num_steps=8")
+    # The lock died with its holder: the resumed run starts, and logs each iteration once
+    # (the killed run may have logged iterations after its last checkpoint).
+    target = max(_checkpoint_steps(tmp_path)) + 3
+    done = _spawn(tmp_path, f"--config.train.num_steps={target}")
     output, _ = done.communicate(timeout=300)
     assert done.returncode == 0, output
-    assert "Resumed from" in output and "Done: 8 iterations" in output
+    assert "Resumed from" in output and f"Done: {target} iterations" in output
     import json
 
     for name in ("metrics.jsonl", "samples.jsonl"):
         steps = [json.loads(r)["step"] for r in (tmp_path / name).read_text().splitlines()]
-        assert steps == list(range(1, 9)), (name, steps)
+        assert steps == list(range(1, target + 1)), (name, steps)
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_iteration(tmp_path):
