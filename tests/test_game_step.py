@@ -90,8 +90,8 @@ def test_in_reward_kl_stays_with_each_roles_own_sequence(monkeypatch):
     np.testing.assert_array_equal(solver_adv, np.zeros((N, G)))  # Equal within each group.
     # The same through the whole update (the review measured [0.25, -0.25] here); the
     # policy's log-probs are stubbed out, which the advantages do not depend on.
-    stub = lambda model_cfg, params, prompt, prompt_mask, tokens, mask, cfg: jnp.zeros(tokens.shape)
-    monkeypatch.setattr(step, "completion_logprobs", stub)
+    stub = lambda model_cfg, params, groups, cfg: [jnp.zeros(g[2].shape) for g in groups]
+    monkeypatch.setattr(step, "groups_logprobs", stub)
     queries, solver, reference = rollouts(run, **drift)
     metrics = step.update(
         run.step_cfg, run.optimizer, state, queries, solver, (ones, ones, {}), reference
