@@ -209,7 +209,11 @@ def test_sigterm_saves_a_checkpoint_at_the_current_iteration(tmp_path):
 
 
 def _fail(capsys, *overrides):
-    code = cli.main(["train", "--config", TINY, "--workdir", "unused", *overrides])
+    import tempfile
+
+    # A fresh workdir outside the checkout: the run may take its lock before failing.
+    workdir = os.path.join(tempfile.mkdtemp(), "unused")
+    code = cli.main(["train", "--config", TINY, "--workdir", workdir, *overrides])
     return code, capsys.readouterr().err
 
 
