@@ -335,7 +335,11 @@ def test_missing_extra_is_named_before_any_model_loads(monkeypatch, tmp_path):
     one message that names the extra and the pip command."""
     from lsp_jax import evaluate
 
-    monkeypatch.setitem(sys.modules, "if_verifiable", None)  # Its import now fails.
+    # Its import now fails, also where an earlier test imported its submodules (an import
+    # of a module already in sys.modules never looks at its parent package).
+    for name in [m for m in sys.modules if m.split(".")[0] == "if_verifiable"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "if_verifiable", None)
     ifeval.instruction_registry.cache_clear()
     try:
         with pytest.raises(UserError) as error:
