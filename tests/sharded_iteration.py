@@ -79,7 +79,8 @@ def rollout_sample(run, mesh):
     with jax.set_mesh(mesh), nn.logical_axis_rules(plan.rules):
         params = jax.device_put(run.params, plan.state.params)
         tokens, logprobs, mask, rollout_params = jax.jit(fn)(params, jax.random.key(7))
-    q_spec = str(rollout_params["layers_0"]["attn"]["q"].sharding.spec)
+    q = rollout_params["layers_0"]["attn"]["q"]
+    q_spec = list(q.sharding.spec) + [None] * (q.ndim - len(q.sharding.spec))
     return {
         "tokens": np.asarray(tokens).tolist(),
         "logprobs": np.asarray(logprobs).tolist(),
