@@ -118,6 +118,11 @@ def test_lengths_and_stray_flags_are_usage_errors(tmp_path, capsys):
         assert f"{key}=0" in err and "max_new_tokens" not in err, err
     assert cli.main([*args, "--bogus"]) == 2
     assert "unrecognized argument '--bogus'" in capsys.readouterr().err
+    # Every command that takes overrides treats a stray flag the same way (aot exited 1).
+    for command in (["aot", "--topology", "v5e:2x2"], ["reward-check"]):
+        assert cli.main([command[0], "--config", tiny, *command[1:], "--bogus"]) == 2
+        err = capsys.readouterr().err
+        assert f"see lsp-jax {command[0]} --help" in err, err
 
 
 def _checked(**overrides):

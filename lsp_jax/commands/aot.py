@@ -53,16 +53,7 @@ def run(args) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from lsp_jax.train import config as config_lib
 
-    overrides = []
-    for item in args.overrides:
-        if not item.startswith("--config."):
-            raise SystemExit(
-                f"lsp-jax aot: unrecognized argument {item!r}; overrides are "
-                "written --config.SECTION.KEY=VALUE."
-            )
-        overrides.append(item[len("--config.") :])
-    config = config_lib.load_config(args.config)
-    config_lib.apply_overrides(config, overrides)
+    config = config_lib.config_from_command_line(args.config, args.overrides, "aot")
     return compile_and_report(
         config, args.topology, step_time_s=args.step_time, hlo_out=args.hlo_out
     )

@@ -52,15 +52,7 @@ def run(args) -> int:
     from lsp_jax.errors import UserError
     from lsp_jax.train import config as config_lib
 
-    overrides = []
-    for item in args.overrides:
-        if not item.startswith("--config."):
-            raise UserError(
-                f"unrecognized argument {item!r}; overrides are written --config.SECTION.KEY=VALUE."
-            )
-        overrides.append(item[len("--config.") :])
-    config = config_lib.load_config(args.config)
-    config_lib.apply_overrides(config, overrides)
+    config = config_lib.config_from_command_line(args.config, args.overrides, "reward-check")
     names = [n.strip() for n in args.judges.split(",") if n.strip()] if args.judges else None
     if args.num_prompts is not None and args.num_prompts < 2:
         raise UserError(f"--num-prompts {args.num_prompts}: at least 2 prompts are needed.")

@@ -27,19 +27,9 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from lsp_jax.errors import UserError
     from lsp_jax.train import config as config_lib
 
-    overrides = []
-    for item in args.overrides:
-        if not item.startswith("--config."):
-            raise UserError(
-                f"unrecognized argument {item!r}; overrides are written "
-                "--config.SECTION.KEY=VALUE (see lsp-jax train --help)."
-            )
-        overrides.append(item[len("--config.") :])
-    config = config_lib.load_config(args.config)
-    config_lib.apply_overrides(config, overrides)
+    config = config_lib.config_from_command_line(args.config, args.overrides, "train")
     from lsp_jax.train.loop import train
 
     return train(config, args.workdir)

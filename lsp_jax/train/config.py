@@ -202,6 +202,22 @@ def _unknown_key_message(full_key, key, known):
     return f"Unknown config key '{full_key}'.{hint} Known keys here: {', '.join(sorted(known))}."
 
 
+def config_from_command_line(path: str, arguments: list[str], command: str):
+    """The config of `--config path` with the command's `--config.a.b=v` arguments applied;
+    any other leftover argument is a usage error naming `command`'s help."""
+    overrides = []
+    for item in arguments:
+        if not item.startswith("--config."):
+            raise UserError(
+                f"unrecognized argument {item!r}; overrides are written "
+                f"--config.SECTION.KEY=VALUE (see lsp-jax {command} --help)."
+            )
+        overrides.append(item[len("--config.") :])
+    config = load_config(path)
+    apply_overrides(config, overrides)
+    return config
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
     """Applies `a.b=value` strings; the value is parsed to the type the key holds."""
     for item in overrides:
