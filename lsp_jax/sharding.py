@@ -70,7 +70,7 @@ def check_batch_divisible(mesh: jax.sharding.Mesh, *, num_queries: int, answers_
         )
 
 
-def _spec_for(names, shape, mesh, rules) -> PartitionSpec:
+def spec_for(names, shape, mesh, rules) -> PartitionSpec:
     """Logical names -> mesh axes, dropping any mesh axis that does not divide its
     dimension (small models on big meshes replicate those dimensions instead).
 
@@ -106,7 +106,7 @@ def logical_shardings(abstract_tree, mesh, rules):
 
     def one(leaf):
         if isinstance(leaf, nn.LogicallyPartitioned):
-            return NamedSharding(mesh, _spec_for(leaf.names, leaf.value.shape, mesh, rules))
+            return NamedSharding(mesh, spec_for(leaf.names, leaf.value.shape, mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(
@@ -127,7 +127,7 @@ def constrain_logical(tree, names_tree, rules):
         return tree
 
     def one(x, names):
-        return jax.lax.with_sharding_constraint(x, _spec_for(names, x.shape, mesh, rules))
+        return jax.lax.with_sharding_constraint(x, spec_for(names, x.shape, mesh, rules))
 
     return jax.tree.map(one, tree, names_tree)
 

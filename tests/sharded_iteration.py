@@ -45,6 +45,32 @@ def one_iteration(run, mesh, state_from=None):
     return state, metrics, plan
 
 
+def two_programs(run, mesh):
+    """The same iteration as two programs (rollouts; scoring, reference and update) on
+    `mesh`: the layouts and the math without the fused program (see test_sharding)."""
+    cfg = run.step_cfg
+
+    def rollouts(state, frozen):
+        k_challenger, k_solver, _ = step_lib.phase_keys(state)
+        policy = step_lib.rollout_params(cfg, state.params)
+        queries = step_lib.challenger_rollout(cfg, policy, frozen, k_challenger, state.step)
+        return queries, step_lib.solver_rollout(cfg, policy, frozen, queries, k_solver)
+
+    def rest(state, frozen, queries, solver):
+        _, _, k_judge = step_lib.phase_keys(state)
+        scores = step_lib.score_answers(cfg, frozen, queries, solver["answers"], k_judge)
+        reference = step_lib.reference_logprobs(cfg, frozen, queries, solver)
+        return step_lib.update(cfg, run.optimizer, state, queries, solver, scores, reference)
+
+    plan = placement.plan(cfg, run.optimizer, run.frozen, mesh, loop.mesh_rules(run.config))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(plan.rules):
+        frozen = placement.place_frozen(run.frozen, plan)
+        state = placement.place_state(run.params, run.optimizer, 0, plan)
+        queries, solver = jax.jit(rollouts)(state, frozen)
+        state, metrics, _ = jax.jit(rest)(state, frozen, queries, solver)
+    return state, jax.tree.map(lambda x: np.asarray(x)[None], metrics)
+
+
 def summary(state, metrics, reference=None):
     """Metrics, and the largest parameter difference to `reference` (element-wise)."""
     params = [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(state.params))]
@@ -106,7 +132,7 @@ def main(workdir):
     state, metrics, _ = one_iteration(run, single)
     results["1x1x1"] = summary(state, metrics)
     results["1x1x1"]["start"] = start
-    for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
+    for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (2, 1, 4)]:
         mesh = sharding.make_mesh(shape)
         state, metrics, plan = one_iteration(run, mesh)
         results["x".join(map(str, shape))] = summary(state, metrics, results["1x1x1"])
@@ -116,7 +142,9 @@ def main(workdir):
             checkpoint.save(manager, 1, state)
             fsdp_spec = str(plan.state.params["embed"]["embedding"].spec)
             results["fsdp_embedding_spec"] = fsdp_spec
-    for shape in [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
+    state, metrics = two_programs(run, sharding.make_mesh((2, 2, 2)))
+    results["two_programs_2x2x2"] = summary(state, metrics, results["1x1x1"])
+    for shape in [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (2, 1, 4)]:
         devices = jax.devices() if shape != (1, 1, 1) else jax.devices()[:1]
         mesh = sharding.make_mesh(shape, devices=devices)
         results["sample_" + "x".join(map(str, shape))] = rollout_sample(run, mesh)

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lsp_jax import sharding
+
 # Large negative logit for masked attention slots. Finite, so a row with every slot
 # masked (a padding query) gives a uniform softmax rather than NaN.
 _MASKED = -1e30
@@ -22,7 +24,15 @@ CACHE_BS = ("activation_batch", None)
 
 
 def constrain(x, names):
-    return nn.with_logical_constraint(x, names)
+    """Constrains activation `x` to the layout the logical-axis rules in context give
+    `names`, dropping any mesh axis that does not divide its dimension (e.g. the single
+    shared prompt of the Challenger's loss, a batch of 1, stays whole rather than being
+    padded over the data axis). A no-op without rules or outside a mesh."""
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding.spec_for(names, x.shape, mesh, rules))
 
 
 def _weight(module: nn.Module, name: str, shape, axes, param_dtype):
