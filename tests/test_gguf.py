@@ -83,7 +83,7 @@ def test_smollm2_logits_match_transformers():
 
 def test_smollm2_config_from_metadata():
     config = smollm2.load().config
-    expected = LlamaConfig.smollm2_135m()  # Numbers from the model card (DESIGN.md).
+    expected = LlamaConfig.smollm2_135m()  # Numbers from the model card.
     for field in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
         assert getattr(config, field) == getattr(expected, field), field
     assert (config.mlp_dim, config.rope_theta, config.tie_embeddings) == (1536, 100_000.0, True)

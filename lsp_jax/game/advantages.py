@@ -1,4 +1,4 @@
-"""Group-baseline advantages for the Solver and the Challenger (LSP.md "Advantages").
+"""Group-baseline advantages for the Solver and the Challenger (docs/algorithm.md).
 
 N is the number of queries, G the number of answers per query. All math is float32.
 """

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from lsp_jax.model import sequence_scores
 
-MAX_QUALITY_SCORE = 7  # Seven binary criteria (LSP.md), so scores run 0..7.
+MAX_QUALITY_SCORE = 7  # Seven binary criteria (the paper; docs/algorithm.md), so scores run 0..7.
 
 
 def reward_model_scores(scores_BTC, mask_BT):

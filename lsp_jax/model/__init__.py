@@ -7,7 +7,7 @@ Dimension legend used in names throughout lsp_jax (`x_BTD`, `k_BSKH`, einsum str
   F MLP hidden       V vocabulary          L layers
   C classifier outputs
 In the self-play game N and G also name the queries per iteration and the answers per
-query (LSP.md); game code spells those out where both could be meant.
+query (docs/algorithm.md); game code spells those out where both could be meant.
 """
 
 from lsp_jax.model.config import LlamaConfig, RopeScaling

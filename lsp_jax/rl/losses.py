@@ -1,4 +1,4 @@
-"""KL estimators and the REINFORCE-with-KL policy loss of LSP (LSP.md "Loss").
+"""KL estimators and the REINFORCE-with-KL policy loss of LSP (docs/algorithm.md, "The loss").
 
 B sequences, T tokens. All math is float32 whatever the input dtype.
 """

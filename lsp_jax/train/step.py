@@ -1,6 +1,6 @@
 """One self-play iteration as one XLA program: rollouts, rewards, loss, optax update.
 
-Reads like the algorithm box of LSP.md:
+Reads like the algorithm of docs/algorithm.md:
     queries  ~ π_θ(· | challenger prompt)          (N rows, or a data batch for GRPO)
     answers  ~ π_θ(· | query)                      (G rows per query)
     R, R_Q   = reward model, reference judge        (in-graph, from logits)
@@ -389,8 +389,8 @@ def role_metrics(cfg: StepConfig, role, logp):
 
 
 def game_advantages(cfg: StepConfig, reward_NG, quality_NG, queries, answers, reference):
-    """(solver_adv_NG, challenger_adv_N, metrics): LSP.md's advantages, with the options
-    the paper leaves open.
+    """(solver_adv_NG, challenger_adv_N, metrics): docs/algorithm.md's advantages, with the
+    options the paper leaves open.
 
     game.truncated_reward=group_min: a truncated answer's reward (a truncated query's
     Challenger reward) becomes its group's minimum. loss.kl_estimator=in_reward: each
