@@ -70,6 +70,16 @@ def test_group_keys():
     }
 
 
+def test_eval_win_rates_are_not_drawn_on_the_lengths_axis():
+    # The probe logs percentages, characters and seconds under eval/: one panel per unit.
+    keys = ["eval/win_rate", "eval/lc_win_rate", "eval/avg_length_policy", "eval/seconds"]
+    assert plot.group_keys(keys) == {
+        "eval": ["eval/lc_win_rate", "eval/win_rate"],
+        "eval_length": ["eval/avg_length_policy"],
+        "eval_time": ["eval/seconds"],
+    }
+
+
 def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
     # The CLI may print UserErrors and return non-zero, or let them propagate: accept both.
     try:

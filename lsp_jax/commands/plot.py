@@ -1,7 +1,8 @@
 """`lsp-jax plot WORKDIR`: one PNG of curves per metric group of a run's metrics.jsonl.
 
 metrics.jsonl holds one JSON object per line: an integer "step" and float metrics whose keys
-are grouped by the prefix before the first slash ("reward/solver", "kl/challenger", ...).
+are grouped by the prefix before the first slash ("reward/solver", "kl/challenger", ...;
+the win-rate probe's lengths and seconds get panels of their own).
 Each group becomes WORKDIR/plots/<group>.png (or --out), every key of the group a curve
 against step. Keys without a slash go into the group "other". When a resumed run logs a step
 again, its last value is kept.
@@ -17,6 +18,10 @@ from lsp_jax.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 OTHER_GROUP = "other"
+# Groups whose keys come in different units get one panel per unit: (text in the key after
+# the group's slash, panel). The win-rate probe logs percentages, lengths in characters and
+# seconds under "eval/"; on one axis the win rate would be a flat line at the bottom.
+SPLIT_GROUPS = {"eval": (("length", "eval_length"), ("seconds", "eval_time"))}
 
 
 def add_arguments(parser):
@@ -54,10 +59,15 @@ def _parse_line(line, where):
 
 
 def group_keys(keys):
-    """{group: sorted keys}, the group being the text before the first slash."""
+    """{group: sorted keys}, the group being the text before the first slash (keys of
+    another unit in a SPLIT_GROUPS group go to that unit's own group)."""
     groups = {}
     for key in sorted(keys):
-        group = key.split("/", 1)[0] if "/" in key else OTHER_GROUP
+        group, _, rest = key.partition("/") if "/" in key else (OTHER_GROUP, "", key)
+        for text, panel in SPLIT_GROUPS.get(group, ()):
+            if text in rest:
+                group = panel
+                break
         groups.setdefault(group, []).append(key)
     return groups
 
