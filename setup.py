@@ -26,6 +26,9 @@ INSTALL_REQUIRES = [
     "array_record>=0.5",
     "tokenizers>=0.20",
     "tiktoken>=0.7",
+    # Chat templates render as transformers renders them; 3.1.6 closed the known escapes
+    # from the sandbox they run in (transformers refuses older versions for that reason).
+    "jinja2>=3.1.6",
     "safetensors>=0.8",
     "gguf>=0.10",
     "numpy>=1.26",

@@ -15,7 +15,6 @@ from lsp_jax.errors import UserError
 from lsp_jax.game import prompts
 from lsp_jax.game.rewards import MAX_QUALITY_SCORE
 
-_MARK = "\ue000LSP_SLOT\ue001"  # Private-use characters: never in a real prompt.
 DIGITS = tuple(str(s) for s in range(MAX_QUALITY_SCORE + 1))  # The paper's scores 0..7.
 
 
@@ -41,13 +40,6 @@ def piece(ids) -> tuple:
     return ids, np.asarray([ids.shape[1]], np.int32)
 
 
-def split_rendered(chat, messages, *, add_generation_prompt: bool) -> list[list[int]]:
-    """Renders a conversation whose variable contents are `_MARK`, and returns the token
-    ids of the fixed text between the marks (len(marks) + 1 pieces)."""
-    text = chat.render_text(messages, add_generation_prompt=add_generation_prompt)
-    return [chat.tokenizer.encode(part) for part in text.split(_MARK)]
-
-
 @dataclasses.dataclass(frozen=True)
 class TemplateTexts:
     challenger_prompt: str
@@ -70,10 +62,12 @@ def build_templates(policy_chat, texts: TemplateTexts, rm_chat=None) -> GameTemp
     challenger_ids = policy_chat.render(
         [{"role": "user", "content": challenger_text}], add_generation_prompt=True
     )
-    user_prefix, user_suffix = split_rendered(
-        policy_chat, [{"role": "user", "content": _MARK}], add_generation_prompt=True
+    user_prefix, user_suffix = policy_chat.user_prompt_pieces()
+    _check_judge_prompt(texts.judge_prompt)
+    # The judge prompt is one user turn, rendered by the template like any other.
+    judge_prefix, judge_middle, judge_suffix = policy_chat.prompt_pieces(
+        [{"role": "user", "content": texts.judge_prompt}], ["{instruction}", "{response}"]
     )
-    judge_before, judge_between, judge_after = _split_judge_prompt(texts.judge_prompt)
     if not texts.expected_judge and not texts.score_tag.strip():
         raise UserError(
             "reward.judge_mode=sampled reads the score token that follows "
@@ -82,21 +76,22 @@ def build_templates(policy_chat, texts: TemplateTexts, rm_chat=None) -> GameTemp
             "(e.g. the paper's <Score>)."
         )
     score_tag = encode(texts.score_tag) if texts.expected_judge else []
-    judge_prefix = user_prefix + encode(judge_before)
-    judge_suffix = encode(judge_after) + user_suffix + score_tag
+    judge_suffix = judge_suffix + score_tag
     rm_pieces = [[], [], []]
     if rm_chat is not None:
         conversation = [
-            {"role": "user", "content": _MARK},
-            {"role": "assistant", "content": _MARK},
+            {"role": "user", "content": "{query}"},
+            {"role": "assistant", "content": "{answer}"},
         ]
-        rm_pieces = split_rendered(rm_chat, conversation, add_generation_prompt=False)
+        rm_pieces = rm_chat.prompt_pieces(
+            conversation, ["{query}", "{answer}"], add_generation_prompt=False
+        )
     return GameTemplates(
         challenger_prompt=np.asarray(challenger_ids, np.int32),
         user_prefix=piece(user_prefix),
         user_suffix=piece(user_suffix),
         judge_prefix=piece(judge_prefix),
-        judge_middle=piece(encode(judge_between)),
+        judge_middle=piece(judge_middle),
         judge_suffix=piece(judge_suffix),
         rm_prefix=piece(rm_pieces[0]),
         rm_middle=piece(rm_pieces[1]),
@@ -108,18 +103,15 @@ def build_templates(policy_chat, texts: TemplateTexts, rm_chat=None) -> GameTemp
     )
 
 
-def _split_judge_prompt(judge_prompt: str) -> tuple[str, str, str]:
+def _check_judge_prompt(judge_prompt: str) -> None:
     for slot in ("{instruction}", "{response}"):
         if judge_prompt.count(slot) != 1:
             raise UserError(
                 f"game.judge_prompt must contain {slot} exactly once (found "
                 f"{judge_prompt.count(slot)}); it marks where the query / answer go."
             )
-    before, rest = judge_prompt.split("{instruction}")
-    if "{response}" not in rest:
+    if judge_prompt.index("{response}") < judge_prompt.index("{instruction}"):
         raise UserError("game.judge_prompt must put {instruction} before {response}.")
-    between, after = rest.split("{response}")
-    return before, between, after
 
 
 def digit_ids(tokenizer, score_tokens=DIGITS) -> list[int]:

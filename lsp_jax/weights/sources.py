@@ -212,8 +212,8 @@ def load_tokenizer(source):
 
 
 def load_chat_template(source, *, tokenizer=None, **options):
-    """The ChatTemplate of any model source (layout from its template or special
-    tokens); `options` override ChatFormat fields, e.g. date_string."""
+    """The ChatTemplate of any model source (its own Jinja template, else one chosen by
+    its special tokens); `options` go to ChatTemplate, e.g. date_string='01 Jan 2025'."""
     from lsp_jax.weights.chat import ChatTemplate
 
     tokenizer = tokenizer or load_tokenizer(source)

@@ -38,15 +38,33 @@ LLAMA3_NAMED_SPECIALS = {
 _GGUF_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3")
 _GGUF_GPT2_PRE = ("gpt-2", "gpt2", "default")
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+_GGUF_NAMED_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+# The special tokens transformers passes to a chat template by name (bos_token, ...).
+TEMPLATE_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
-    """Token ids a sampler and a chat template need (None when the model has none)."""
+    """Token ids a sampler and a chat template need (None when the model has none), and
+    the special tokens a chat template reads by name (None: the files name none)."""
 
     bos_id: int | None
     eos_ids: tuple[int, ...]
     pad_id: int | None
+    named_tokens: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 class Tokenizer:
@@ -59,6 +77,9 @@ class Tokenizer:
       pad_id: padding id (the first stop id when the model names none).
       special_tokens: special token string -> id.
       chat_template: the Jinja chat template shipped with the tokenizer, or None.
+      named_tokens: the special tokens a chat template reads by name ('bos_token',
+        'eos_token', ...) as strings: as the tokenizer files name them, else the strings
+        of bos_id and the first stop id.
       add_bos: whether `encode(..., add_special=True)` prepends BOS.
     """
 
@@ -72,6 +93,18 @@ class Tokenizer:
         self.bos_id = ids.bos_id
         self.eos_ids = tuple(ids.eos_ids)
         self.pad_id = ids.pad_id if ids.pad_id is not None else next(iter(self.eos_ids), None)
+        named = dict(ids.named_tokens)
+        defaults = {"bos_token": self.bos_id, "eos_token": next(iter(self.eos_ids), None)}
+        for name, token_id in defaults.items():
+            if name not in named and token_id is not None:
+                named[name] = self._string_of(token_id)
+        self.named_tokens = {name: token for name, token in named.items() if token is not None}
+
+    def _string_of(self, token_id: int) -> str:
+        for token, i in self.special_tokens.items():
+            if i == token_id:
+                return token
+        return self.decode([token_id])
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -288,7 +321,20 @@ def _folder_ids(folder: Path, lookup) -> SpecialIds:
     pad = config.get("pad_token_id", generation.get("pad_token_id"))
     if pad is None:
         pad = from_string("pad_token")
-    return SpecialIds(bos, tuple(eos), pad)
+    return SpecialIds(bos, tuple(eos), pad, _named_tokens(folder, tok_config))
+
+
+def _named_tokens(folder: Path, tok_config: dict) -> dict[str, str | None]:
+    """The special tokens by name as transformers reads them: tokenizer_config.json, else
+    the legacy special_tokens_map.json."""
+    legacy = _read_json(folder / "special_tokens_map.json")
+    named = {}
+    for name in TEMPLATE_TOKEN_NAMES:
+        for source in (tok_config, legacy):
+            if name in source:
+                named[name] = _token_string(source[name])
+                break
+    return named
 
 
 def _chat_template_of(folder: Path) -> str | None:
@@ -403,10 +449,11 @@ def load_sentencepiece(path, *, model_folder=None) -> SentencePieceTokenizer:
 
     ids = _folder_ids(folder, lookup)
     own = lambda i: None if i < 0 else i  # sentencepiece says -1 for "none".
-    ids = SpecialIds(
-        ids.bos_id if ids.bos_id is not None else own(processor.bos_id()),
-        ids.eos_ids or tuple(i for i in [own(processor.eos_id())] if i is not None),
-        ids.pad_id if ids.pad_id is not None else own(processor.pad_id()),
+    ids = dataclasses.replace(
+        ids,
+        bos_id=ids.bos_id if ids.bos_id is not None else own(processor.bos_id()),
+        eos_ids=ids.eos_ids or tuple(i for i in [own(processor.eos_id())] if i is not None),
+        pad_id=ids.pad_id if ids.pad_id is not None else own(processor.pad_id()),
     )
     return SentencePieceTokenizer(
         processor, ids, chat_template=_chat_template_of(folder), source=str(path)
@@ -428,7 +475,12 @@ def load_gguf_tokenizer(path_or_file) -> HFTokenizer:
             f"tokenizer.json instead."
         )
     fields = _tokenizer_ids(meta)
-    ids = SpecialIds(fields["bos_token_id"], fields["eos_token_ids"], fields["pad_token_id"])
+    tokens = meta["tokenizer.ggml.tokens"]
+    named = {}  # As transformers names them for a GGUF: the token of each metadata id.
+    for name, key in _GGUF_NAMED_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        named[name] = None if token_id is None else tokens[int(token_id)]
+    ids = SpecialIds(fields["bos_token_id"], fields["eos_token_ids"], fields["pad_token_id"], named)
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     backend = build_byte_level_bpe(
         meta["tokenizer.ggml.tokens"],
