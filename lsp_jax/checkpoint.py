@@ -12,6 +12,7 @@ __all__ = [
     "read_run_info",
     "restore",
     "restore_newest_intact",
+    "finish",
     "save",
     "write_run_info",
 ]
@@ -20,7 +21,16 @@ DAMAGED_SUFFIX = ".damaged"  # Orbax lists only folders named by a step number.
 
 
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
+    """Starts writing a checkpoint of `state` and returns once the state is copied to host
+    memory: training goes on while orbax writes the files in a background thread. The
+    next save waits for this one, and so must every exit (`finish`). Orbax writes into a
+    temporary folder and renames it when complete, so a process killed mid-write leaves
+    the previous checkpoint as the newest one."""
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Waits for the save in flight, if any (raises its error, if it failed)."""
     manager.wait_until_finished()
 
 

@@ -140,6 +140,7 @@ def main(workdir):
             # Save on (1, 8, 1), restore onto (2, 2, 2), and continue one iteration.
             manager = checkpoint.checkpoint_manager(workdir)
             checkpoint.save(manager, 1, state)
+            checkpoint.finish(manager)
             fsdp_spec = str(plan.state.params["embed"]["embedding"].spec)
             results["fsdp_embedding_spec"] = fsdp_spec
     state, metrics = two_programs(run, sharding.make_mesh((2, 2, 2)))

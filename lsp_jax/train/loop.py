@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
 import sys
 import time
 
@@ -22,13 +21,14 @@ from lsp_jax.game.advantages import check_group_size, check_mode
 from lsp_jax.game.templates import TemplateTexts, build_templates
 from lsp_jax.rl import check_loss_options
 from lsp_jax.train import lock as lock_lib
-from lsp_jax.train import phases
+from lsp_jax.train import phases, preemption
 from lsp_jax.train import placement as placement_lib
 from lsp_jax.train.optim import consecutive_skips, make_optimizer
 from lsp_jax.train.step import Frozen, StepConfig, init_state
 from lsp_jax.weights import sources
 
 REWARD_KINDS = ("model", "self_judge", "none")
+EXPORT_DTYPES = (None, "float32", "bfloat16")
 JUDGE_MODES = ("expected", "sampled")
 TRUNCATED_REWARDS = ("group_min", "score")
 SUMMARY_KEYS = (
@@ -52,6 +52,7 @@ class Run:
     params: object
     tokenizer: object
     source: str
+    export_dtype: str | None = None  # train.export_dtype
 
 
 def check_config(config) -> None:
@@ -113,6 +114,11 @@ def check_config(config) -> None:
     for key, value in lengths.items():
         if value < 1:
             raise UserError(f"{key}={value}; it must be at least 1. Fix: --config.{key}=N.")
+    if config.train.get("export_dtype") not in EXPORT_DTYPES:
+        raise UserError(
+            f"train.export_dtype={config.train.export_dtype!r}; choose one of "
+            f"{', '.join(map(str, EXPORT_DTYPES))} (None: the parameters' dtype)."
+        )
 
 
 def _dtype(name: str):
@@ -163,7 +169,9 @@ def build_run(config, mesh=None) -> Run:
         ref_params=ref_params, rm_params=rm_params, templates=templates, prompts=prompts
     )
     optimizer = make_optimizer(config.optim, config.train.num_steps)
-    return Run(step_cfg, optimizer, frozen, params, chat.tokenizer, m.source)
+    return Run(
+        step_cfg, optimizer, frozen, params, chat.tokenizer, m.source, config.train.export_dtype
+    )
 
 
 def _copy_as(x, dtype):
@@ -422,28 +430,16 @@ def _due(every: int, step: int, k: int) -> bool:
     return bool(every) and step // every > (step - k) // every
 
 
-class _StopFlag:
-    """Set by SIGTERM (preemption): the loop saves a checkpoint and exits cleanly."""
-
-    def __init__(self):
-        self.set = False
-
-    def __call__(self, signum, frame):
-        self.set = True
-
-
 def train(config, workdir: str, *, log=print) -> int:
     """Trains until config.train.num_steps iterations; resumes from WORKDIR if it holds
-    a checkpoint. Returns a process exit code (143 when stopped by SIGTERM, 1 when the
-    run diverged: train.max_nonfinite_steps updates in a row were skipped)."""
+    a checkpoint. Returns a process exit code (143 when stopped by a preemption notice,
+    SIGTERM, on any host; 1 when the run diverged: train.max_nonfinite_steps updates in
+    a row were skipped)."""
     check_workdir(workdir)  # A gs:// workdir: checks gcsfs is installed, before any work.
-    # Installed first, so that a preemption while loading or compiling also ends cleanly.
-    stop = _StopFlag()
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
+    sharding.maybe_initialize_distributed()  # Before watching: JAX then owns SIGTERM.
+    # Watched from here, so that a preemption while loading or compiling also ends cleanly.
+    with preemption.watch() as stop:
         return _train(config, workdir, stop, log)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def check_workdir(workdir: str) -> None:
@@ -518,6 +514,7 @@ def _train_locked(config, workdir, mesh, lead, stop, log):
     try:
         return _loop(config, workdir, run, placement, state, manager, writer, stop, log)
     finally:
+        checkpoint.finish(manager)  # A save still being written completes before exit.
         writer.close()
 
 
@@ -535,7 +532,7 @@ def _loop(config, workdir, run, placement, state, manager, writer, stop, log):
         unit="it",
         dynamic_ncols=True,
     )
-    while step < t.num_steps and not stop.set:
+    while step < t.num_steps and not stop.reached():
         k = min(t.steps_per_jit, t.num_steps - step)
         if k not in compiled:
             compiled[k] = _timed_compile(run, placement, state, k, log)
@@ -580,7 +577,8 @@ def _loop(config, workdir, run, placement, state, manager, writer, stop, log):
     progress.close()
     if manager.latest_step() != step:
         _save(manager, step, state)
-    if stop.set:
+    if stop.stopped:
+        checkpoint.finish(manager)
         log(f"Stopped by SIGTERM at iteration {step}; checkpoint saved. Rerun to resume.")
         return 143
     path = export(workdir, run, state.params, step, log)
@@ -685,7 +683,7 @@ def export(workdir, run: Run, params, step: int, log) -> str:
     params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
         with paths.staging_dir(path) as local:  # Written locally, then uploaded if remote.
-            export_folder(run.source, local, run.step_cfg.policy, params)
+            export_folder(run.source, local, run.step_cfg.policy, params, dtype=run.export_dtype)
         log(f"Exported Hugging Face folder: {path}")
     return path
 
