@@ -402,3 +402,43 @@ def test_default_cpu_run_keeps_a_proportionate_workdir(tmp_path):
     checkpoints = _size(tmp_path / "checkpoints")
     assert checkpoints < 3.5 * model_bytes, (checkpoints, model_bytes)  # One: θ, m, v.
     assert _size(tmp_path / "export") < 1.5 * model_bytes
+
+
+def _safetensors_dtypes(path) -> set:
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_bfloat16_export_and_first_moment(tmp_path):
+    import jax.numpy as jnp
+    import optax
+
+    overrides = {"train.num_steps": 1, "train.export_dtype": "bfloat16"}
+    overrides["optim.mu_dtype"] = "bfloat16"
+    assert loop.train(tiny_config(**overrides), str(tmp_path), log=lambda *_: None) == 0
+    export = tmp_path / "export" / "step_000001"
+    assert _safetensors_dtypes(export / "model.safetensors") == {"BF16"}
+    exported, trained = sources.load_model(str(export))[1], final_params(tmp_path)
+    for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(trained), strict=True):
+        expected = np.asarray(jnp.asarray(y).astype(jnp.bfloat16).astype(x.dtype))
+        np.testing.assert_array_equal(np.asarray(x), expected)
+    optimizer = loop.make_optimizer(tiny_config(**overrides).optim, 1)
+    (adam,) = [
+        s
+        for s in jax.tree.leaves(
+            optimizer.init({"w": jnp.ones(3)}), is_leaf=lambda s: hasattr(s, "mu")
+        )
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
+    assert adam.mu["w"].dtype == jnp.bfloat16 and adam.nu["w"].dtype == jnp.float32
+
+
+def test_bad_export_and_moment_dtypes_are_refused(capsys):
+    code, err = _fail(capsys, "--config.train.export_dtype=float8")
+    assert code == 2 and "train.export_dtype='float8'" in err and "bfloat16" in err
+    code, err = _fail(capsys, "--config.optim.mu_dtype=int8")
+    assert code == 2 and "optim.mu_dtype='int8'" in err

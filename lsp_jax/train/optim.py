@@ -48,6 +48,7 @@ def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
             b2=optim.b2,
             eps=optim.eps,
             weight_decay=optim.weight_decay,
+            mu_dtype=_moment_dtype(optim.get("mu_dtype")),
         )
     )
     chain = optax.chain(*parts)
@@ -55,6 +56,14 @@ def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
         chain = optax.MultiSteps(chain, every_k_schedule=optim.grad_accum)
     # Outermost, so a bad iteration is not even accumulated by MultiSteps.
     return skip_nonfinite(chain)
+
+
+def _moment_dtype(name):
+    if name is None:
+        return None
+    if name not in ("float32", "bfloat16"):
+        raise UserError(f"optim.mu_dtype={name!r}; choose float32, bfloat16 or None.")
+    return jnp.dtype(name)
 
 
 class SkipNonfiniteState(NamedTuple):
