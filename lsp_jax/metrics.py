@@ -1,4 +1,5 @@
-"""Run outputs: metrics JSONL, samples JSONL, TensorBoard events, a progress line."""
+"""Run outputs: metrics JSONL, samples JSONL, TensorBoard events, optional Weights &
+Biases, a progress line."""
 
 import json
 import logging
@@ -11,6 +12,9 @@ import time
 import numpy as np
 
 from lsp_jax import paths
+from lsp_jax.errors import UserError
+
+WANDB_ID_FILE = "wandb_run_id"  # In WORKDIR: a resumed run logs to the same W&B run.
 
 
 def _jsonable(value):
@@ -56,11 +60,24 @@ class MetricsWriter:
     object, so log every step only when a step takes a second or more.
     """
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        wandb_project: str | None = None,
+        run_config: dict | None = None,
+    ):
         """resume_step: the iteration the run (re)starts from; lines of later iterations,
         written before a crash or kill after the last checkpoint, are dropped so that
-        the resumed run does not log those iterations twice. None keeps every line."""
+        the resumed run does not log those iterations twice. None keeps every line.
+        wandb_project: also log every metrics row to this Weights & Biases project (one
+        W&B run per WORKDIR, resumed with it; run_config is its config)."""
         self._tb = None
+        self._wandb = None
+        if wandb_project:
+            self._wandb = _WandbRun(workdir, wandb_project, run_config or {})
         # NaN and inf are logged on purpose (a diverging run); not one warning each.
         logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
         if paths.is_remote(workdir):
@@ -87,6 +104,8 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, record)
 
     def write_samples(self, step: int, samples: list[dict]) -> None:
         for sample in samples:
@@ -98,6 +117,8 @@ class MetricsWriter:
         self._samples.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def _open_for_append(path: str, resume_step: int | None):
@@ -170,6 +191,52 @@ class _StagedTensorBoard:
         self._events.close()
         paths.upload_tree(self._local_dir, self._remote_dir)
         shutil.rmtree(self._local_dir, ignore_errors=True)
+
+
+def check_wandb() -> None:
+    """Raises UserError when train.wandb_project is set but wandb is not installed."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "train.wandb_project is set, but Weights & Biases is not installed. Fix: pip "
+            "install wandb (and `wandb login`, or WANDB_MODE=offline), or leave "
+            "train.wandb_project unset (TensorBoard and metrics.jsonl are always written)."
+        ) from None
+
+
+class _WandbRun:
+    """One W&B run per WORKDIR: its id is kept in WORKDIR/wandb_run_id, so that a resumed
+    run goes on logging to it. wandb's own files go to WORKDIR/wandb (a local workdir) or
+    to wandb's default folder. W&B keeps one value per step: iterations that a resumed
+    run logs again (after a kill before the next checkpoint) are not rewritten there."""
+
+    def __init__(self, workdir: str, project: str, config: dict):
+        import wandb
+
+        id_path = paths.join(workdir, WANDB_ID_FILE)
+        if paths.exists(id_path):
+            run_id = paths.read_text(id_path).strip()
+        else:
+            run_id = secrets.token_hex(8)
+            paths.write_text(id_path, run_id + "\n")
+        local = None if paths.is_remote(workdir) else workdir  # wandb adds /wandb.
+        self._run = wandb.init(
+            project=project,
+            id=run_id,
+            resume="allow",
+            name=os.path.basename(workdir.rstrip("/")),
+            dir=local,
+            config=config,
+        )
+
+    def log(self, step: int, record: dict) -> None:
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if step >= self._run.step:  # W&B refuses steps it has passed (see above).
+            self._run.log(values, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 def summary_line(step: int, metrics: dict, keys: tuple[str, ...]) -> str:

@@ -442,3 +442,35 @@ def test_bad_export_and_moment_dtypes_are_refused(capsys):
     assert code == 2 and "train.export_dtype='float8'" in err and "bfloat16" in err
     code, err = _fail(capsys, "--config.optim.mu_dtype=int8")
     assert code == 2 and "optim.mu_dtype='int8'" in err
+
+
+def test_wandb_offline_logs_every_row_to_one_run_across_a_resume(tmp_path, monkeypatch):
+    import json
+
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    log = wandb.sdk.wandb_run.Run.log
+
+    def spy(self, data, step=None, **kwargs):
+        logged.append((self.id, step, data["reward/solver"]))
+        return log(self, data, step=step, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
+    for steps in (2, 3):  # The second run resumes the first.
+        overrides = {"train.num_steps": steps, "train.wandb_project": "lsp-jax-test"}
+        assert loop.train(tiny_config(**overrides), str(tmp_path), log=lambda *_: None) == 0
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [(run_id, row["step"], row["reward/solver"]) for row in rows]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2 and all((run / f"run-{run_id}.wandb").is_file() for run in runs)
+
+
+def test_wandb_project_without_wandb_installed_is_refused(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError.
+    code, err = _fail(capsys, "--config.train.wandb_project=p")
+    assert code == 2 and "pip install wandb" in err and "Traceback" not in err

@@ -95,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
         # The Hugging Face export's weight dtype ("bfloat16": half the size, what people
         # upload; "float32"); None writes the parameters' own dtype.
         export_dtype=None,
+        # Also log the metrics to this Weights & Biases project (needs `pip install
+        # wandb`; WANDB_MODE=offline logs locally). None: TensorBoard and JSONL only.
+        wandb_project=None,
         steps_per_jit=1,
         # The loss and gradient over this many chunks of the queries (each with its G
         # answers), accumulated inside the iteration: peak activation memory / k for

@@ -114,6 +114,8 @@ def check_config(config) -> None:
     for key, value in lengths.items():
         if value < 1:
             raise UserError(f"{key}={value}; it must be at least 1. Fix: --config.{key}=N.")
+    if config.train.get("wandb_project"):
+        metrics_lib.check_wandb()
     if config.train.get("export_dtype") not in EXPORT_DTYPES:
         raise UserError(
             f"train.export_dtype={config.train.export_dtype!r}; choose one of "
@@ -480,12 +482,13 @@ def _train_locked(config, workdir, mesh, lead, stop, log):
     policy = run.step_cfg.policy
     if not lead:
         log = lambda *_: None
+    run_config = json.loads(config.to_json_best_effort())
     if lead:
         info = {
             "model_source": run.source,
             "model_config": policy.to_hf_config(),
             "scan_layers": policy.scan_layers,
-            "config": json.loads(config.to_json_best_effort()),
+            "config": run_config,
         }
         checkpoint.write_run_info(workdir, info)
     placement = placement_lib.plan(
@@ -507,7 +510,12 @@ def _train_locked(config, workdir, mesh, lead, stop, log):
     # Lines logged after the restored checkpoint (before a crash) are written again.
     resume_step = int(state.step)
     writer = (
-        metrics_lib.MetricsWriter(workdir, resume_step=resume_step)
+        metrics_lib.MetricsWriter(
+            workdir,
+            resume_step=resume_step,
+            wandb_project=t.wandb_project,
+            run_config=run_config,
+        )
         if lead
         else metrics_lib.NullWriter()
     )
