@@ -121,12 +121,14 @@ def test_training_goes_on_during_a_save_and_a_kill_mid_save_keeps_the_previous(t
     cut, whole = tmp_path / "cut", tmp_path / "whole"
     steps = ("--config.train.num_steps=8", "--config.train.checkpoint_every=2")
     proc = _start(cut, "--hang-save", "4", *steps)  # Checkpoint 4 is never completed.
-    # Iterations 5 and 6 run while checkpoint 4 is being written (a blocking save would
-    # hold the loop at iteration 4); the save of 6 then waits for it.
-    saving = cut / "saving_4"  # Touched once the files of 4 are written, before commit.
-    _wait(lambda: 6 in _logged_steps(cut) and saving.exists(), [proc], "iteration 6")
-    assert _checkpoint_steps(cut) == [2]
-    proc.send_signal(signal.SIGKILL)
+    try:
+        # Iterations 5 and 6 run while checkpoint 4 is being written (a blocking save
+        # would hold the loop at iteration 4); the save of 6 then waits for it.
+        saving = cut / "saving_4"  # Touched once the files of 4 are written, before commit.
+        _wait(lambda: 6 in _logged_steps(cut) and saving.exists(), [proc], "iteration 6")
+        assert _checkpoint_steps(cut) == [2]
+    finally:
+        proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert _checkpoint_steps(cut) == [2]  # The half-written 4 is not a checkpoint.
     codes, outputs = _finish([_start(cut, *steps)])
