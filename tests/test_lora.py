@@ -156,3 +156,23 @@ def test_resume_with_lora_gives_bitwise_the_uninterrupted_run(tmp_path):
     # (full fine-tuning writes three: parameters and two moments).
     checkpoint = sum(p.stat().st_size for p in (whole / "checkpoints" / "4").rglob("*"))
     assert checkpoint < _leaf_bytes(base), (checkpoint, _leaf_bytes(base))
+
+
+def test_adapters_shard_like_their_kernels_with_the_rank_replicated():
+    from lsp_jax import sharding
+    from lsp_jax.train import config as config_lib
+
+    config = LlamaConfig.tiny().replace(lora=LoraConfig(rank=RANK))
+    mesh = jax.sharding.AbstractMesh((1, 4, 2), ("data", "fsdp", "tensor"))
+    rules = loop.rules_table(config_lib.default_config().mesh.rules)
+    adapters = placement_lib.trained_params(config)["layers_0"]
+    spec = lambda box: tuple(sharding.spec_for(box.names, box.value.shape, mesh, rules))
+    attn, mlp = adapters["attn"], adapters["mlp"]
+    kernels = placement_lib.boxed_params(config)["layers_0"]
+    assert spec(kernels["attn"]["q"]) == ("fsdp", "tensor", None)
+    assert spec(attn["q_lora_a"]) == ("fsdp", None)  # in axis as W's D, rank whole
+    assert spec(attn["q_lora_b"]) == (None, "tensor", None)  # out axes as W's N, H
+    assert spec(attn["o_lora_a"]) == ("tensor", None, None)
+    assert spec(attn["o_lora_b"]) == (None, "fsdp")
+    assert spec(mlp["down_lora_a"]) == ("tensor", None)
+    assert spec(mlp["gate_lora_b"]) == (None, "tensor")
