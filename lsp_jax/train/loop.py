@@ -457,6 +457,7 @@ def run_eval(config, run: Run, state, step: int, log) -> dict:
         eval_prompts(config),
         max_new_tokens=config.eval.max_new_tokens,
         seed=step,
+        reference_config=lora.base_config(run.step_cfg.policy),
     )
     overall = summary[winrate.OVERALL]
     low, high = overall["win_rate_ci"]
