@@ -63,7 +63,7 @@ def _leaf_bytes(tree):
 
 
 def test_one_iteration_trains_only_the_adapters_and_keeps_one_copy_of_the_base():
-    config = tiny_config(**LORA)
+    config = tiny_config(**LORA, **{"eval.num_prompts": 2, "eval.max_new_tokens": 3})
     run = loop.build_run(config)
     assert run.frozen.ref_params is None  # The reference is the base: no second copy.
     base_before = jax.tree.map(np.array, run.frozen.base_params)
@@ -92,6 +92,9 @@ def test_one_iteration_trains_only_the_adapters_and_keeps_one_copy_of_the_base()
             assert not np.array_equal(new, old), path  # Every B moved,
         else:  # while A's gradient, x^T (dy B^T), is zero as long as B is.
             np.testing.assert_array_equal(new, old, path)
+    # The periodic evaluation plays the adapted policy against the base.
+    row = loop.run_eval(config, run, state, 1, log=lambda *_: None)
+    assert 0.0 <= row["eval/win_rate"] <= 100.0
 
 
 @pytest.fixture(scope="module")
