@@ -179,3 +179,18 @@ def test_adapters_shard_like_their_kernels_with_the_rank_replicated():
     assert spec(attn["o_lora_b"]) == (None, "fsdp")
     assert spec(mlp["down_lora_a"]) == ("tensor", None)
     assert spec(mlp["gate_lora_b"]) == (None, "tensor")
+
+
+def test_bad_lora_options_give_one_clear_error(capsys):
+    from tests.test_train import _fail
+
+    code, err = _fail(capsys, "--config.model.lora.rank=4", "--config.model.lora.targets=q,lm")
+    assert code == 2 and "model.lora.targets" in err and "lm" in err and "gate" in err, err
+    code, err = _fail(capsys, "--config.model.lora.rank=-1")
+    assert code == 2 and "model.lora.rank=-1" in err, err
+    code, err = _fail(capsys, "--config.model.lora.rank=4", "--config.model.lora.alpha=0")
+    assert code == 2 and "model.lora.alpha" in err and "Traceback" not in err, err
+    targets = loop.lora_config(
+        tiny_config(**{"model.lora.rank": 2, "model.lora.targets": "q_proj, v"}).model
+    )
+    assert targets == LoraConfig(rank=2, alpha=16.0, targets=("q", "v"))
