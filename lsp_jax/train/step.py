@@ -228,7 +228,7 @@ def reference_logprobs(cfg: StepConfig, frozen: Frozen, queries, solver):
 
 
 def update(
-    cfg: StepConfig, optimizer, state: TrainState, queries, solver, scores, reference, base=None
+    cfg: StepConfig, optimizer, state: TrainState, queries, solver, scores, reference, *, base=None
 ):
     """Advantages, the LSP loss, its gradient and the optax update; (state', metrics,
     rollout). base: the frozen LoRA base (state.params are then the adapters), or None."""
