@@ -168,16 +168,16 @@ def build_run(config, mesh=None) -> Run:
             placement_lib.boxed_params(cfg), mesh, rules
         )
     load = functools.partial(sources.load_model, scan_layers=m.scan_layers, shardings=shardings)
-    policy_cfg, params = load(m.source, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
-    chat = sources.load_chat_template(m.source)
     frozen_dtypes = _frozen_dtypes(m)
     adapters, base_params = lora_config(m), None
+    # With LoRA the loaded weights are the frozen base: read in the frozen dtype.
+    load_dtype = frozen_dtypes["param_dtype"] if adapters.rank else _dtype(m.param_dtype)
+    policy_cfg, params = load(m.source, dtype=_dtype(m.dtype), param_dtype=load_dtype)
+    chat = sources.load_chat_template(m.source)
     if adapters.rank:
-        # The loaded weights become the frozen base, stored in the frozen dtype (never
-        # updated, never donated); only the adapters are trained.
-        policy_cfg = policy_cfg.replace(lora=adapters)
-        base_params = jax.tree.map(lambda x: _as_dtype(x, frozen_dtypes["param_dtype"]), params)
-        params = lora.init_adapters(policy_cfg, m.lora.seed)
+        # The base is never updated nor donated; only the adapters (param_dtype) train.
+        policy_cfg = policy_cfg.replace(param_dtype=_dtype(m.param_dtype), lora=adapters)
+        base_params, params = params, lora.init_adapters(policy_cfg, m.lora.seed)
     if m.reference:
         ref_cfg, ref_params = load(m.reference, **frozen_dtypes)
     elif adapters.rank:
@@ -218,11 +218,6 @@ def build_run(config, mesh=None) -> Run:
         t.export_dtype,
         t.get("export_adapter", True),
     )
-
-
-def _as_dtype(x, dtype):
-    """`x` itself when it has `dtype` (no copy), else cast (keeping its sharding)."""
-    return x if x.dtype == dtype else x.astype(dtype)
 
 
 def _copy_as(x, dtype):
