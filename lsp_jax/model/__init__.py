@@ -5,12 +5,13 @@ Dimension legend used in names throughout lsp_jax (`x_BTD`, `k_BSKH`, einsum str
   D model width      N query heads         K kv heads
   G query heads per kv head (in attention)  H head dim
   F MLP hidden       V vocabulary          L layers
+  R LoRA rank (model.lora)
   C classifier outputs
 In the self-play game N and G also name the queries per iteration and the answers per
 query (docs/algorithm.md); game code spells those out where both could be meant.
 """
 
-from lsp_jax.model.config import LlamaConfig, RopeScaling
+from lsp_jax.model.config import LlamaConfig, LoraConfig, RopeScaling
 from lsp_jax.model.llama import (
     KVCache,
     Llama,
@@ -29,6 +30,7 @@ __all__ = [
     "Llama",
     "SharedPrefixLlama",
     "LlamaConfig",
+    "LoraConfig",
     "RopeScaling",
     "default_positions",
     "unembedding",

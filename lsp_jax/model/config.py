@@ -20,6 +20,28 @@ class RopeScaling:
     original_max_position: int = 8192
 
 
+# Projections a LoRA adapter can target (our parameter names; Hugging Face's q_proj, ...).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters: a target kernel W [in, out] computes x W + (alpha/rank)(x A) B,
+    A [in, rank] small random, B [rank, out] zero (so the adapted model starts equal to
+    the base). rank 0: no adapters."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def adapts(self, name: str) -> bool:
+        return self.rank > 0 and name in self.targets
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Architecture and numerics of a Llama model.
@@ -49,6 +71,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: bool = False
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

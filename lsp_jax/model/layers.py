@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from lsp_jax import sharding
+from lsp_jax.model.config import LoraConfig
 
 # Large negative logit for masked attention slots. Finite, so a row with every slot
 # masked (a padding query) gives a uniform softmax rather than NaN.
@@ -38,6 +39,40 @@ def constrain(x, names):
 def _weight(module: nn.Module, name: str, shape, axes, param_dtype):
     init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), axes)
     return module.param(name, init, shape, param_dtype)
+
+
+def _adapter(module: nn.Module, name: str, in_shape, in_axes, out_shape, out_axes, lora, dtype):
+    """(A, B): the LoRA factors of kernel `name` (A [*in, R], B [R, *out]; the rank axis
+    replicated, the others sharded like the kernel's), or None when it is not adapted.
+    A is drawn as PEFT draws it (kaiming-uniform, bound 1/sqrt(fan_in)), B is zero: the
+    adapted model starts equal to the base."""
+    if not lora.adapts(name):
+        return None
+    in_dims = tuple(range(len(in_shape)))
+    init_a = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_dims, -1)
+    a = module.param(
+        f"{name}_lora_a",
+        nn.with_logical_partitioning(init_a, (*in_axes, "lora_rank")),
+        (*in_shape, lora.rank),
+        dtype,
+    )
+    b = module.param(
+        f"{name}_lora_b",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", *out_axes)),
+        (lora.rank, *out_shape),
+        dtype,
+    )
+    return a, b
+
+
+def add_adapter(y, x, factors, specs, scale, dtype):
+    """y + scale · (x A) B for factors (A, B) and einsum specs (x·A, xA·B); y itself
+    when there are no factors. Never forms A B: the rank-R path costs R/D of the kernel."""
+    if factors is None:
+        return y
+    a, b = factors
+    xa = jnp.einsum(specs[0], x, a.astype(dtype))
+    return y + scale * jnp.einsum(specs[1], xa, b.astype(dtype))
 
 
 def at_least_float32(dtype):
@@ -115,6 +150,7 @@ class Attention(nn.Module):
     head_dim: int
     dtype: Any
     param_dtype: Any
+    lora: LoraConfig = LoraConfig()
 
     @nn.compact
     def __call__(self, x_BTD, angles_BTh, mask_BTS, kv=None, write_index=None):
@@ -139,9 +175,21 @@ class Attention(nn.Module):
             self, "v", (dim, k, h), ("embed", "kv_heads", "head_dim"), self.param_dtype
         )
         wo_NHD = _weight(self, "o", (n, h, dim), ("heads", "head_dim", "embed"), self.param_dtype)
-        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, wq_DNH.astype(self.dtype))
-        k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, wk_DKH.astype(self.dtype))
-        v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, wv_DKH.astype(self.dtype))
+        lora, dt = self.lora, self.dtype
+        embed, heads, kv_heads = ("embed",), ("heads", "head_dim"), ("kv_heads", "head_dim")
+        adapter = lambda name, *shapes: _adapter(self, name, *shapes, lora, self.param_dtype)
+        q_ab = adapter("q", (dim,), embed, (n, h), heads)
+        k_ab = adapter("k", (dim,), embed, (k, h), kv_heads)
+        v_ab = adapter("v", (dim,), embed, (k, h), kv_heads)
+        o_ab = adapter("o", (n, h), heads, (dim,), embed)
+        scale = lora.scale if lora.rank else 1
+        to_heads, to_kv = ("BTD,DR->BTR", "BTR,RNH->BTNH"), ("BTD,DR->BTR", "BTR,RKH->BTKH")
+        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, wq_DNH.astype(dt))
+        q_BTNH = add_adapter(q_BTNH, x_BTD, q_ab, to_heads, scale, dt)
+        k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, wk_DKH.astype(dt))
+        k_BTKH = add_adapter(k_BTKH, x_BTD, k_ab, to_kv, scale, dt)
+        v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, wv_DKH.astype(dt))
+        v_BTKH = add_adapter(v_BTKH, x_BTD, v_ab, to_kv, scale, dt)
         q_BTNH = constrain(apply_rope(q_BTNH, angles_BTh), BTNH)
         k_BTKH = constrain(apply_rope(k_BTKH, angles_BTh), BTKH)
         v_BTKH = constrain(v_BTKH, BTKH)
@@ -161,7 +209,8 @@ class Attention(nn.Module):
             out_BTNH = attend(
                 q_BTNH, k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype), mask_BTS
             )
-        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, wo_NHD.astype(self.dtype))
+        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, wo_NHD.astype(dt))
+        out_BTD = add_adapter(out_BTD, out_BTNH, o_ab, ("BTNH,NHR->BTR", "BTR,RD->BTD"), scale, dt)
         return out_BTD, kv
 
 
@@ -171,15 +220,25 @@ class MLP(nn.Module):
     mlp_dim: int
     dtype: Any
     param_dtype: Any
+    lora: LoraConfig = LoraConfig()
 
     @nn.compact
     def __call__(self, x_BTD):
         dim = x_BTD.shape[-1]
-        f = self.mlp_dim
+        f, lora, dt = self.mlp_dim, self.lora, self.dtype
         gate_DF = _weight(self, "gate", (dim, f), ("embed", "mlp"), self.param_dtype)
         up_DF = _weight(self, "up", (dim, f), ("embed", "mlp"), self.param_dtype)
         down_FD = _weight(self, "down", (f, dim), ("mlp", "embed"), self.param_dtype)
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, gate_DF.astype(self.dtype))
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, up_DF.astype(self.dtype))
+        adapter = lambda name, *shapes: _adapter(self, name, *shapes, lora, self.param_dtype)
+        gate_ab = adapter("gate", (dim,), ("embed",), (f,), ("mlp",))
+        up_ab = adapter("up", (dim,), ("embed",), (f,), ("mlp",))
+        down_ab = adapter("down", (f,), ("mlp",), (dim,), ("embed",))
+        scale = lora.scale if lora.rank else 1
+        to_mlp = ("BTD,DR->BTR", "BTR,RF->BTF")
+        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, gate_DF.astype(dt))
+        gate_BTF = add_adapter(gate_BTF, x_BTD, gate_ab, to_mlp, scale, dt)
+        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, up_DF.astype(dt))
+        up_BTF = add_adapter(up_BTF, x_BTD, up_ab, to_mlp, scale, dt)
         hidden_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, BTF)
-        return jnp.einsum("BTF,FD->BTD", hidden_BTF, down_FD.astype(self.dtype))
+        out_BTD = jnp.einsum("BTF,FD->BTD", hidden_BTF, down_FD.astype(dt))
+        return add_adapter(out_BTD, hidden_BTF, down_ab, ("BTF,FR->BTR", "BTR,RD->BTD"), scale, dt)

@@ -146,13 +146,14 @@ class Block(nn.Module):
             head_dim=cfg.head_dim,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
+            lora=cfg.lora,
             name="attn",
         )
         attn_BTD, kv = attention(
             RMSNorm(**norm, name="attn_norm")(x_BTD), angles_BTh, mask_BTS, kv, write_index
         )
         x_BTD = x_BTD + attn_BTD
-        mlp = MLP(mlp_dim=cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
+        mlp = MLP(cfg.mlp_dim, cfg.dtype, cfg.param_dtype, lora=cfg.lora, name="mlp")
         x_BTD = x_BTD + mlp(RMSNorm(**norm, name="mlp_norm")(x_BTD))
         return constrain(x_BTD, BTD), kv
 

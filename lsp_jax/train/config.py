@@ -27,6 +27,11 @@ def default_config() -> ml_collections.ConfigDict:
         frozen_param_dtype="",
         remat=False,
         scan_layers=False,
+        # Low-rank adapters: rank > 0 trains only adapters on the chosen projections
+        # (targets: "all" or a comma list of q,k,v,o,gate,up,down); the loaded weights
+        # stay frozen and, without model.reference, are also the reference and judge
+        # (one copy in memory). Each adapter adds (alpha/rank) (x A) B; seed draws A.
+        lora=dict(rank=0, alpha=16.0, targets="all", seed=0),
     )
     c.reward = dict(
         # What R(q, a) is: model (reward.model scores), self_judge (the reference
@@ -98,6 +103,9 @@ def default_config() -> ml_collections.ConfigDict:
         # Also log the metrics to this Weights & Biases project (needs `pip install
         # wandb`; WANDB_MODE=offline logs locally). None: TensorBoard and JSONL only.
         wandb_project=None,
+        # With model.lora.rank > 0: also write the adapters alone in PEFT's layout
+        # (adapter_config.json + adapter_model.safetensors) to export/step_N/adapter.
+        export_adapter=True,
         steps_per_jit=1,
         # The loss and gradient over this many chunks of the queries (each with its G
         # answers), accumulated inside the iteration: peak activation memory / k for

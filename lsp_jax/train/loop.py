@@ -19,12 +19,14 @@ from lsp_jax import metrics as metrics_lib
 from lsp_jax.errors import UserError
 from lsp_jax.game.advantages import check_group_size, check_mode
 from lsp_jax.game.templates import TemplateTexts, build_templates
+from lsp_jax.model import LoraConfig, lora
+from lsp_jax.model.config import LORA_TARGETS
 from lsp_jax.rl import check_loss_options
 from lsp_jax.train import lock as lock_lib
 from lsp_jax.train import phases, preemption
 from lsp_jax.train import placement as placement_lib
 from lsp_jax.train.optim import consecutive_skips, make_optimizer
-from lsp_jax.train.step import Frozen, StepConfig, init_state
+from lsp_jax.train.step import Frozen, StepConfig, init_state, policy_params, reference_params
 from lsp_jax.weights import sources
 
 REWARD_KINDS = ("model", "self_judge", "none")
@@ -53,6 +55,7 @@ class Run:
     tokenizer: object
     source: str
     export_dtype: str | None = None  # train.export_dtype
+    export_adapter: bool = True  # train.export_adapter (LoRA runs)
 
 
 def check_config(config) -> None:
@@ -116,11 +119,32 @@ def check_config(config) -> None:
             raise UserError(f"{key}={value}; it must be at least 1. Fix: --config.{key}=N.")
     if config.train.get("wandb_project"):
         metrics_lib.check_wandb()
+    lora_config(config.model)  # Refuses a bad model.lora before anything is loaded.
     if config.train.get("export_dtype") not in EXPORT_DTYPES:
         raise UserError(
             f"train.export_dtype={config.train.export_dtype!r}; choose one of "
             f"{', '.join(map(str, EXPORT_DTYPES))} (None: the parameters' dtype)."
         )
+
+
+def lora_config(model_config) -> LoraConfig:
+    """model.lora as a LoraConfig (rank 0: no adapters); UserError on bad values."""
+    c = model_config.lora
+    if not isinstance(c.rank, int) or c.rank < 0:
+        raise UserError(f"model.lora.rank={c.rank!r}; use 0 (off) or a positive rank, e.g. 16.")
+    if c.rank == 0:
+        return LoraConfig()
+    if not c.alpha > 0:
+        raise UserError(f"model.lora.alpha={c.alpha!r} must be positive (e.g. 2 x rank).")
+    names = [t.strip().removesuffix("_proj") for t in str(c.targets).split(",") if t.strip()]
+    targets = LORA_TARGETS if names == ["all"] else tuple(names)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise UserError(
+            f"model.lora.targets={c.targets!r}: {', '.join(unknown) or 'empty'} is not a "
+            f"projection; use 'all' or a comma list of {', '.join(LORA_TARGETS)}."
+        )
+    return LoraConfig(rank=c.rank, alpha=float(c.alpha), targets=targets)
 
 
 def _dtype(name: str):
@@ -146,11 +170,21 @@ def build_run(config, mesh=None) -> Run:
             placement_lib.boxed_params(cfg), mesh, rules
         )
     load = functools.partial(sources.load_model, scan_layers=m.scan_layers, shardings=shardings)
-    policy_cfg, params = load(m.source, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
-    chat = sources.load_chat_template(m.source)
     frozen_dtypes = _frozen_dtypes(m)
+    adapters, base_params = lora_config(m), None
+    # With LoRA the loaded weights are the frozen base: read in the frozen dtype.
+    load_dtype = frozen_dtypes["param_dtype"] if adapters.rank else _dtype(m.param_dtype)
+    policy_cfg, params = load(m.source, dtype=_dtype(m.dtype), param_dtype=load_dtype)
+    chat = sources.load_chat_template(m.source)
+    if adapters.rank:
+        # The base is never updated nor donated; only the adapters (param_dtype) train.
+        policy_cfg = policy_cfg.replace(param_dtype=_dtype(m.param_dtype), lora=adapters)
+        base_params, params = params, lora.init_adapters(policy_cfg, m.lora.seed)
     if m.reference:
         ref_cfg, ref_params = load(m.reference, **frozen_dtypes)
+    elif adapters.rank:
+        # The reference is the base itself, read without the adapters: no second copy.
+        ref_cfg, ref_params = lora.base_config(policy_cfg).replace(**frozen_dtypes), None
     else:
         # A copy (the policy's buffers are donated to the step), cast to the frozen dtype.
         ref_cfg = policy_cfg.replace(**frozen_dtypes)
@@ -168,11 +202,23 @@ def build_run(config, mesh=None) -> Run:
     )
     prompts = grpo_prompts(config, chat, config.game.max_query_tokens)
     frozen = Frozen(
-        ref_params=ref_params, rm_params=rm_params, templates=templates, prompts=prompts
+        ref_params=ref_params,
+        rm_params=rm_params,
+        templates=templates,
+        prompts=prompts,
+        base_params=base_params,
     )
     optimizer = make_optimizer(config.optim, config.train.num_steps)
+    t = config.train
     return Run(
-        step_cfg, optimizer, frozen, params, chat.tokenizer, m.source, config.train.export_dtype
+        step_cfg,
+        optimizer,
+        frozen,
+        params,
+        chat.tokenizer,
+        m.source,
+        t.export_dtype,
+        t.get("export_adapter", True),
     )
 
 
@@ -280,6 +326,9 @@ def abstract_iteration(config, mesh):
         )
     tokenizer = estimate.tokenizer_ids(policy_cfg)
     ref_cfg = policy_cfg.replace(**frozen_dtypes)
+    adapters = lora_config(m)
+    if adapters.rank:  # The base is also the reference: no second copy.
+        policy_cfg = policy_cfg.replace(lora=adapters)
     step_cfg = make_step_config(config, policy_cfg, ref_cfg, rm_cfg, tokenizer)
     templates = estimate.templates(config, template_texts(config))
     prompts = None
@@ -293,15 +342,17 @@ def abstract_iteration(config, mesh):
         mesh, num_queries=config.game.num_queries, answers_per_query=config.game.answers_per_query
     )
     frozen = Frozen(
-        ref_params=estimate.abstract_params(ref_cfg),
+        ref_params=None if adapters.rank else estimate.abstract_params(ref_cfg),
         rm_params=None if rm_cfg is None else estimate.abstract_params(rm_cfg),
         templates=templates,
         prompts=prompts,
+        base_params=estimate.abstract_params(ref_cfg) if adapters.rank else None,
     )
     placement = placement_lib.plan(step_cfg, optimizer, frozen, mesh, mesh_rules(config))
-    state = jax.eval_shape(
-        lambda p: init_state(p, optimizer, 0), estimate.abstract_params(policy_cfg)
-    )
+    trained = estimate.abstract_params(policy_cfg)
+    if adapters.rank:
+        trained = lora.split(trained)[1]
+    state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), trained)
     with_sharding = lambda tree, shardings: jax.tree.map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings
     )
@@ -397,12 +448,13 @@ def run_eval(config, run: Run, state, step: int, log) -> dict:
     chat = sources.load_chat_template(run.source)
     summary = evaluate.evaluate_policy(
         run.step_cfg.policy,
-        state.params,
-        run.frozen.ref_params,
+        policy_params(run.frozen, state.params),
+        reference_params(run.frozen),
         chat,
         eval_prompts(config),
         max_new_tokens=config.eval.max_new_tokens,
         seed=step,
+        reference_config=lora.base_config(run.step_cfg.policy),
     )
     overall = summary[winrate.OVERALL]
     low, high = overall["win_rate_ci"]
@@ -488,6 +540,7 @@ def _train_locked(config, workdir, mesh, lead, stop, log):
             "model_source": run.source,
             "model_config": policy.to_hf_config(),
             "scan_layers": policy.scan_layers,
+            "lora": lora_info(policy.lora),
             "config": run_config,
         }
         checkpoint.write_run_info(workdir, info)
@@ -679,19 +732,44 @@ def _memory_summary(compiled) -> str:
     return f" Per device: {args / gib:.2f} GiB arguments, {temps / gib:.2f} GiB temporaries (XLA)."
 
 
+def lora_info(config: LoraConfig) -> dict | None:
+    """run.json's record of the adapters (None without LoRA), read by `load_run`."""
+    if not config.rank:
+        return None
+    return {"rank": config.rank, "alpha": config.alpha, "targets": list(config.targets)}
+
+
 def export(workdir, run: Run, params, step: int, log) -> str:
+    """Writes export/step_N: the policy as a Hugging Face folder (with LoRA, the adapters
+    merged into the base: W + (alpha/rank) A B) and, for LoRA runs with
+    train.export_adapter, the adapters alone in PEFT's layout under adapter/."""
     from jax.experimental import multihost_utils
 
     from lsp_jax.commands.convert import export_folder
+    from lsp_jax.weights.peft import save_peft_adapter
 
     path = paths.join(workdir, "export", f"step_{step:06d}")
     if not all_finite(params):
         raise UserError(f"The parameters at iteration {step} are not finite; nothing exported.")
     # Every host takes part in gathering the sharded parameters; the first one writes.
     params = multihost_utils.process_allgather(params, tiled=True)
+    config, adapters = run.step_cfg.policy, None
+    if config.lora.rank:
+        adapters = params
+        base = multihost_utils.process_allgather(run.frozen.base_params, tiled=True)
+        config, params = lora.merge(config, lora.combine(base, adapters))
     if jax.process_index() == 0:
         with paths.staging_dir(path) as local:  # Written locally, then uploaded if remote.
-            export_folder(run.source, local, run.step_cfg.policy, params, dtype=run.export_dtype)
+            export_folder(run.source, local, config, params, dtype=run.export_dtype)
+            if adapters is not None and run.export_adapter:
+                adapter_path = os.path.join(local, "adapter")
+                save_peft_adapter(
+                    adapter_path,
+                    run.step_cfg.policy,
+                    adapters,
+                    base=run.source,
+                    dtype=run.export_dtype,
+                )
         log(f"Exported Hugging Face folder: {path}")
     return path
 

@@ -30,12 +30,12 @@ class PhaseTimer:
         self._fns = {
             "challenger": jax.jit(
                 lambda state, frozen, key: step_lib.challenger_rollout(
-                    cfg, step_lib.rollout_params(cfg, state.params), frozen, key, state.step
+                    cfg, _rollout_params(cfg, state, frozen), frozen, key, state.step
                 )
             ),
             "solver": jax.jit(
                 lambda state, frozen, queries, key: step_lib.solver_rollout(
-                    cfg, step_lib.rollout_params(cfg, state.params), frozen, queries, key
+                    cfg, _rollout_params(cfg, state, frozen), frozen, queries, key
                 )
             ),
             "rewards": jax.jit(
@@ -44,7 +44,11 @@ class PhaseTimer:
                 )
             ),
             "reference": jax.jit(functools.partial(step_lib.reference_logprobs, cfg)),
-            "update": jax.jit(functools.partial(step_lib.update, cfg, optimizer)),
+            "update": jax.jit(
+                lambda frozen, *args: step_lib.update(
+                    cfg, optimizer, *args, base=frozen.base_params
+                )
+            ),
         }
         self._compiled = {}
         self.compile_seconds = 0.0
@@ -70,11 +74,17 @@ class PhaseTimer:
             answers = solver["answers"]
             scores, seconds["rewards"] = self._run("rewards", frozen, queries, answers, k_judge)
             reference, seconds["reference"] = self._run("reference", frozen, queries, solver)
-            _, seconds["update"] = self._run("update", state, queries, solver, scores, reference)
+            _, seconds["update"] = self._run(
+                "update", frozen, state, queries, solver, scores, reference
+            )
         total = sum(seconds.values())
         out = {f"time/phase/{name}_s": seconds[name] for name in PHASES}
         out.update({f"time/phase/{name}_frac": seconds[name] / total for name in PHASES})
         return out
+
+
+def _rollout_params(cfg, state, frozen):
+    return step_lib.rollout_params(cfg, step_lib.policy_params(frozen, state.params))
 
 
 def summary(times: dict[str, float], fused_seconds: float) -> str:

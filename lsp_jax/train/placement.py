@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lsp_jax import sharding
-from lsp_jax.model import Llama
+from lsp_jax.model import Llama, lora
 from lsp_jax.train.step import Frozen, init_state, lsp_step
 
 
@@ -33,20 +33,33 @@ def boxed_params(model_config):
     return jax.eval_shape(init)["params"]
 
 
+def trained_params(model_config):
+    """Abstract boxed parameters the optimizer trains: all of them, or (LoRA) the
+    adapters alone."""
+    params = boxed_params(model_config)
+    return lora.split(params)[1] if model_config.lora.rank else params
+
+
 def plan(step_cfg, optimizer, frozen, mesh, rules) -> Placement:
     """Shardings from the parameters' logical names and the config's rules table."""
-    policy = boxed_params(step_cfg.policy)
-    state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), policy)
+    state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), trained_params(step_cfg.policy))
     replicated = sharding.replicated(mesh)
-    # A reference that decodes (sampled judge) is stored in the rollout layout.
+    shardings = lambda model_config, rules: sharding.logical_shardings(
+        boxed_params(model_config), mesh, rules
+    )
+    # A reference that decodes (sampled judge) is stored in the rollout layout; the LoRA
+    # base (also the reference when ref_params is None) in the training layout.
     ref_rules = step_cfg.rollout_rules if step_cfg.judge_decodes else rules
     frozen_sharding = Frozen(
-        ref_params=sharding.logical_shardings(boxed_params(step_cfg.reference), mesh, ref_rules),
+        ref_params=None if frozen.ref_params is None else shardings(step_cfg.reference, ref_rules),
         rm_params=None
         if step_cfg.reward_model is None
-        else sharding.logical_shardings(boxed_params(step_cfg.reward_model), mesh, rules),
+        else shardings(step_cfg.reward_model, rules),
         templates=jax.tree.map(lambda _: replicated, frozen.templates),
         prompts=jax.tree.map(lambda _: replicated, frozen.prompts),
+        base_params=None
+        if frozen.base_params is None
+        else shardings(lora.base_config(step_cfg.policy), rules),
     )
     return Placement(
         mesh=mesh,

@@ -27,13 +27,21 @@ from lsp_jax.game.advantages import (
     truncated_to_group_min,
 )
 from lsp_jax.game.splice import content_lengths, splice_segments
-from lsp_jax.model import LlamaConfig, SharedPrefixLlama, param_axes, unembedding, vocab_logits
+from lsp_jax.model import (
+    LlamaConfig,
+    SharedPrefixLlama,
+    lora,
+    param_axes,
+    unembedding,
+    vocab_logits,
+)
 from lsp_jax.train.optim import skip_metrics
 
 
 @struct.dataclass
 class TrainState:
-    """Everything a resumed run needs: iteration count, weights, optimizer, randomness."""
+    """Everything a resumed run needs: iteration count, trained weights (the whole model,
+    or with LoRA only the adapters), optimizer, randomness."""
 
     step: jax.Array
     params: Any
@@ -44,12 +52,30 @@ class TrainState:
 @struct.dataclass
 class Frozen:
     """Inputs of the step that never change: reference and reward-model weights, the
-    token templates and (GRPO) the prompt set. Never differentiated, never updated."""
+    token templates, (GRPO) the prompt set and (LoRA) the policy's base weights. Never
+    differentiated, never updated.
+
+    With LoRA and the starting point as reference, `ref_params` is None: the reference
+    is `base_params` itself, read without the adapters (one copy of the base in memory).
+    """
 
     ref_params: Any
     rm_params: Any
     templates: Any  # lsp_jax.game.templates.GameTemplates (arrays)
     prompts: Any  # (tokens_PQ, lengths_P) for GRPO, else None
+    base_params: Any = None  # LoRA: the frozen weights the adapters are added to.
+
+
+def policy_params(frozen: Frozen, trained):
+    """The policy's full parameters: the trained ones, or (LoRA) the frozen base with
+    the trained adapters."""
+    return trained if frozen.base_params is None else lora.combine(frozen.base_params, trained)
+
+
+def reference_params(frozen: Frozen):
+    """The reference (and judge) model's parameters: the base itself under LoRA when no
+    separate reference was loaded."""
+    return frozen.base_params if frozen.ref_params is None else frozen.ref_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +138,7 @@ def lsp_step(state: TrainState, frozen: Frozen, *, cfg: StepConfig, optimizer):
     """
     k_challenger, k_solver, k_judge = phase_keys(state)
     with jax.named_scope("rollout_params"):
-        policy = rollout_params(cfg, state.params)
+        policy = rollout_params(cfg, policy_params(frozen, state.params))
     with jax.named_scope("challenger_rollout"):
         queries = challenger_rollout(cfg, policy, frozen, k_challenger, state.step)
     with jax.named_scope("solver_rollout"):
@@ -122,7 +148,9 @@ def lsp_step(state: TrainState, frozen: Frozen, *, cfg: StepConfig, optimizer):
     with jax.named_scope("reference"):
         reference = reference_logprobs(cfg, frozen, queries, solver)
     with jax.named_scope("update"):
-        return update(cfg, optimizer, state, queries, solver, scores, reference)
+        return update(
+            cfg, optimizer, state, queries, solver, scores, reference, base=frozen.base_params
+        )
 
 
 def rollout_params(cfg: StepConfig, params):
@@ -194,13 +222,16 @@ def reference_logprobs(cfg: StepConfig, frozen: Frozen, queries, solver):
     """The frozen reference model's log-probs of the answers [B, A] and (not GRPO) of
     the queries [N, Q], for the KL terms."""
     rows = [r for r in _role_rows(queries, solver) if r is not None]
-    ref_sol_BA, *ref_ch = groups_logprobs(cfg.reference, frozen.ref_params, rows, cfg)
+    ref_params = reference_params(frozen)
+    ref_sol_BA, *ref_ch = groups_logprobs(cfg.reference, ref_params, rows, cfg)
     return {"solver": ref_sol_BA, "challenger": ref_ch[0] if ref_ch else None}
 
 
-def update(cfg: StepConfig, optimizer, state: TrainState, queries, solver, scores, reference):
+def update(
+    cfg: StepConfig, optimizer, state: TrainState, queries, solver, scores, reference, *, base=None
+):
     """Advantages, the LSP loss, its gradient and the optax update; (state', metrics,
-    rollout)."""
+    rollout). base: the frozen LoRA base (state.params are then the adapters), or None."""
     params = state.params
     answers = solver["answers"]
     reward_NG, quality_NG, judge_metrics = scores
@@ -208,7 +239,7 @@ def update(cfg: StepConfig, optimizer, state: TrainState, queries, solver, score
         cfg, reward_NG, quality_NG, queries, answers, reference
     )
     batch = loss_batch(cfg, queries, solver, reference, solver_adv_NG, challenger_adv_N)
-    loss, logp, grads = loss_and_grads(cfg, params, batch)
+    loss, logp, grads = loss_and_grads(cfg, params, batch, base=base)
     aux = {
         "solver": role_metrics(cfg, batch["solver"], logp["solver"]),
         "logp_solver": logp["solver"],
@@ -327,11 +358,13 @@ def _chunk_loss(cfg: StepConfig, params, chunk):
     return loss, logp
 
 
-def loss_and_grads(cfg: StepConfig, params, batch):
+def loss_and_grads(cfg: StepConfig, params, batch, *, base=None):
     """(loss, log-probs per role, gradient) of the whole batch, computed over
     `cfg.update_microbatches` chunks of queries accumulated in a lax.scan: activations
-    of one chunk at a time, the same gradient up to summation order."""
-    grad_fn = jax.value_and_grad(lambda p, c: _chunk_loss(cfg, p, c), has_aux=True)
+    of one chunk at a time, the same gradient up to summation order. With a LoRA `base`,
+    `params` are the adapters and the gradient is theirs alone."""
+    full = (lambda p: p) if base is None else (lambda p: lora.combine(base, p))
+    grad_fn = jax.value_and_grad(lambda p, c: _chunk_loss(cfg, full(p), c), has_aux=True)
     k = cfg.update_microbatches
     if k == 1:
         (loss, logp), grads = grad_fn(params, batch)
@@ -483,7 +516,8 @@ def score_answers(cfg: StepConfig, frozen: Frozen, queries, answers, rng):
         tokens, mask = splice_segments(
             [pair[0], t.judge_middle, pair[1], t.judge_suffix], pad_id=cfg.pad_id
         )
-        judge_B, metrics = judge_scores(cfg, frozen.ref_params, tokens, mask, t, rng)
+        ref_params = reference_params(frozen)
+        judge_B, metrics = judge_scores(cfg, ref_params, tokens, mask, t, rng)
         judge_NG = judge_B.reshape(N, G)
     if cfg.reward_kind == "model":
         tokens, mask = splice_segments(

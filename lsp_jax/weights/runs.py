@@ -51,14 +51,15 @@ def checkpoint_manager(workdir, *, keep: int | None = None):
 
 
 def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
-    """(LlamaConfig, params) of a run's checkpoint (the latest, or the step folder given)."""
+    """(LlamaConfig, params) of a run's checkpoint (the latest, or the step folder given).
+    A LoRA run's adapters come back merged into its source's weights."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import orbax.checkpoint as ocp
     from flax.linen import meta
 
-    from lsp_jax.model import Llama, LlamaConfig
+    from lsp_jax.model import Llama, LlamaConfig, LoraConfig, lora
     from lsp_jax.weights.hf import stack_layers, unstack_layers
 
     found = find_run(path)
@@ -74,8 +75,14 @@ def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
     step = manager.latest_step() if step is None else step
     if step is None:
         raise UserError(f"The run {workdir} has no checkpoint yet under {CHECKPOINT_DIR}/.")
+    if info.get("lora"):
+        saved = saved.replace(
+            lora=LoraConfig(**{**info["lora"], "targets": tuple(info["lora"]["targets"])})
+        )
     init = lambda: Llama(saved).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     abstract = meta.unbox(jax.eval_shape(init)["params"])
+    if saved.lora.rank:  # The checkpoint holds the adapters; the base is the run's source.
+        abstract = lora.split(abstract)[1]
     restored = manager.restore(
         step,
         args=ocp.args.PyTreeRestore(
@@ -88,6 +95,11 @@ def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
         ),
     )
     params = restored["params"]
+    if saved.lora.rank:
+        from lsp_jax.weights import sources
+
+        base = sources.load_model(info["model_source"], scan_layers=saved.scan_layers)[1]
+        saved, params = lora.merge(saved, lora.combine(base, params))
     if scan_layers and not saved.scan_layers:
         params = stack_layers(params)
     elif saved.scan_layers and not scan_layers:
