@@ -21,11 +21,11 @@ DAMAGED_SUFFIX = ".damaged"  # Orbax lists only folders named by a step number.
 
 
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
-    """Starts writing a checkpoint of `state` and returns once the state is copied to host
-    memory: training goes on while orbax writes the files in a background thread. The
-    next save waits for this one, and so must every exit (`finish`). Orbax writes into a
-    temporary folder and renames it when complete, so a process killed mid-write leaves
-    the previous checkpoint as the newest one."""
+    """Writes a checkpoint of `state`. With a background manager it returns once the
+    state is copied to host memory, and training goes on while orbax writes the files
+    in a thread; the next save waits for this one, and so must every exit (`finish`).
+    Orbax writes into a temporary folder and renames it when complete, so a process
+    killed mid-write leaves the previous checkpoint as the newest one."""
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
 
@@ -40,7 +40,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
-def restore_newest_intact(workdir, manager, abstract_state, *, keep, log):
+def restore_newest_intact(workdir, manager, abstract_state, *, keep, log, background=False):
     """(state, manager) from the newest checkpoint that restores.
 
     A newer step folder that fails to restore while an older one restores is damaged (a
@@ -57,7 +57,8 @@ def restore_newest_intact(workdir, manager, abstract_state, *, keep, log):
             failures.append((step, error))
             continue
         if failures:
-            manager = _set_aside(workdir, manager, failures, step, keep=keep, log=log)
+            _set_aside(workdir, manager, failures, step, log=log)
+            manager = checkpoint_manager(workdir, keep=keep, background=background)
         return state, manager
     detail = "; ".join(f"step {s}: {type(e).__name__}: {_first_line(e)}" for s, e in failures)
     raise UserError(
@@ -72,7 +73,7 @@ def _first_line(error) -> str:
     return text[0][:200] if text else ""
 
 
-def _set_aside(workdir, manager, failures, good_step, *, keep, log):
+def _set_aside(workdir, manager, failures, good_step, *, log) -> None:
     import jax
 
     manager.close()
@@ -89,4 +90,3 @@ def _set_aside(workdir, manager, failures, good_step, *, keep, log):
             f"Checkpoint {folder} is damaged ({type(error).__name__}: {_first_line(error)}); "
             f"moved it to {target} and resumed from step {good_step}."
         )
-    return checkpoint_manager(workdir, keep=keep)

@@ -120,6 +120,7 @@ def test_sigterm_to_one_of_two_hosts_stops_both_at_the_same_iteration(tmp_path):
 def test_training_goes_on_during_a_save_and_a_kill_mid_save_keeps_the_previous(tmp_path):
     cut, whole = tmp_path / "cut", tmp_path / "whole"
     steps = ("--config.train.num_steps=8", "--config.train.checkpoint_every=2")
+    steps += ("--config.train.save_in_background=True",)  # Not the default on CPU.
     proc = _start(cut, "--hang-save", "4", *steps)  # Checkpoint 4 is never completed.
     try:
         # Iterations 5 and 6 run while checkpoint 4 is being written (a blocking save

@@ -474,3 +474,9 @@ def test_wandb_project_without_wandb_installed_is_refused(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError.
     code, err = _fail(capsys, "--config.train.wandb_project=p")
     assert code == 2 and "pip install wandb" in err and "Traceback" not in err
+
+
+def test_saves_are_in_the_background_on_accelerators_only_by_default():
+    assert jax.default_backend() == "cpu"
+    assert loop.save_in_background(None) is False  # The live state's memory (see there).
+    assert loop.save_in_background(True) is True and loop.save_in_background(False) is False

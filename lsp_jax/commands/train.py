@@ -9,7 +9,7 @@ checkpoints/, export/step_N (Hugging Face).
 Exit status: 0 done, 2 bad input, 1 diverged (train.max_nonfinite_steps skipped updates
 in a row) or another failure, 143 stopped by SIGTERM (checkpoint saved). On several
 hosts (jax.distributed) a SIGTERM to any one stops every host at the same iteration.
-Checkpoints are written in the background while training goes on.
+On TPUs and GPUs checkpoints are written in the background while training goes on.
 """
 
 

@@ -106,6 +106,10 @@ def default_config() -> ml_collections.ConfigDict:
         # With model.lora.rank > 0: also write the adapters alone in PEFT's layout
         # (adapter_config.json + adapter_model.safetensors) to export/step_N/adapter.
         export_adapter=True,
+        # Write checkpoints in a thread while training goes on (True), or wait for each
+        # (False). None: in the background on TPUs and GPUs, not on CPU (see
+        # lsp_jax.train.loop.save_in_background).
+        save_in_background=None,
         steps_per_jit=1,
         # The loss and gradient over this many chunks of the queries (each with its G
         # answers), accumulated inside the iteration: peak activation memory / k for

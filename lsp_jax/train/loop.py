@@ -479,6 +479,16 @@ def compile_step(run: Run, placement, state, num_iterations: int):
     )
 
 
+def save_in_background(choice) -> bool:
+    """train.save_in_background; None: on accelerators (TPU, GPU), not on CPU. There the
+    host copy orbax writes from is the live state's own memory, so the next iteration
+    cannot reuse (donate) it and holds a second copy of the state until the save ends:
+    +2 GB resident for the CPU default, and memory is what a laptop lacks."""
+    if choice is None:
+        return jax.default_backend() != "cpu"
+    return bool(choice)
+
+
 def _due(every: int, step: int, k: int) -> bool:
     """Whether a multiple of `every` lies in the k iterations ending at `step`."""
     return bool(every) and step // every > (step - k) // every
@@ -548,7 +558,8 @@ def _train_locked(config, workdir, mesh, lead, stop, log):
         run.step_cfg, run.optimizer, run.frozen, mesh, mesh_rules(config)
     )
     run.frozen = placement_lib.place_frozen(run.frozen, placement)
-    manager = checkpoint.checkpoint_manager(workdir, keep=t.keep_checkpoints)
+    background = save_in_background(t.get("save_in_background"))
+    manager = checkpoint.checkpoint_manager(workdir, keep=t.keep_checkpoints, background=background)
     if config.reward.check_before_train and manager.latest_step() is None:
         from lsp_jax import rewardcheck
 
@@ -557,7 +568,7 @@ def _train_locked(config, workdir, mesh, lead, stop, log):
     run.params = None  # Host copy no longer needed.
     if manager.latest_step() is not None:
         state, manager = checkpoint.restore_newest_intact(
-            workdir, manager, state, keep=t.keep_checkpoints, log=log
+            workdir, manager, state, keep=t.keep_checkpoints, log=log, background=background
         )
         log(f"Resumed from {workdir} at iteration {int(state.step)}.")
     # Lines logged after the restored checkpoint (before a crash) are written again.

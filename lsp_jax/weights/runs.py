@@ -38,15 +38,19 @@ def find_run(path) -> tuple[str, int | None] | None:
     return None
 
 
-def checkpoint_manager(workdir, *, keep: int | None = None):
+def checkpoint_manager(workdir, *, keep: int | None = None, background: bool = False):
     """Orbax manager over WORKDIR/checkpoints. Orbax writes each step to a temporary
     folder and renames it when complete, so a killed save never looks like a checkpoint
-    (on GCS it marks complete steps with a commit file instead)."""
+    (on GCS it marks complete steps with a commit file instead). background: `save`
+    returns once the state is copied off the devices and the files are written by a
+    thread (lsp_jax.checkpoint.finish waits for it)."""
     import orbax.checkpoint as ocp
 
     paths.check_backend(workdir)
     directory = paths.normalize(paths.join(workdir, CHECKPOINT_DIR))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=background
+    )
     return ocp.CheckpointManager(directory, options=options)
 
 
