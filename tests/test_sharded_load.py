@@ -17,7 +17,8 @@ import sys
 if __name__ == "__main__":
     # One process with 8 devices, or (--process I) one of 2 processes with 4 each.
     DEVICES = 4 if "--process" in sys.argv else 8
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}"
+    os.environ["XLA_FLAGS"] = flags
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import numpy as np  # noqa: E402
@@ -59,7 +60,9 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(checkpoints):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    from tests.conftest import subprocess_xla_flags
+
+    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags())  # The script sets its devices.
     out = subprocess.run(
         [sys.executable, __file__, str(checkpoints)],
         capture_output=True,
@@ -83,7 +86,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def multihost_results(checkpoints):
     """Two JAX processes with 4 CPU devices each (jax.distributed): two fake hosts."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    from tests.conftest import subprocess_xla_flags
+
+    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags())  # The script sets its devices.
     port = str(free_port())
     command = [sys.executable, __file__, str(checkpoints), "--process", "{i}", "--port", port]
     processes = [

@@ -11,6 +11,7 @@ import pytest
 
 from lsp_jax import sharding
 from lsp_jax.errors import UserError
+from tests.conftest import subprocess_xla_flags
 
 MESHES = ["8x1x1", "1x8x1", "2x2x2", "1x2x4", "2x1x4"]
 
@@ -20,7 +21,7 @@ def results(tmp_path_factory):
     script = os.path.join(os.path.dirname(__file__), "sharded_iteration.py")
     workdir = tmp_path_factory.mktemp("sharded")
     cache = jax.config.jax_compilation_cache_dir or ""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags())  # The script sets 8 devices.
     out = subprocess.run(
         [sys.executable, script, str(workdir), cache],
         capture_output=True,
