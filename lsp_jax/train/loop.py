@@ -756,7 +756,7 @@ def export(workdir, run: Run, params, step: int, log) -> str:
     train.export_adapter, the adapters alone in PEFT's layout under adapter/."""
     from jax.experimental import multihost_utils
 
-    from lsp_jax.commands.convert import export_folder
+    from lsp_jax.weights.export import export_folder
     from lsp_jax.weights.peft import save_peft_adapter
 
     path = paths.join(workdir, "export", f"step_{step:06d}")
