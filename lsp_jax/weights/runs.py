@@ -54,9 +54,12 @@ def checkpoint_manager(workdir, *, keep: int | None = None, background: bool = F
     return ocp.CheckpointManager(directory, options=options)
 
 
-def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
+def load_run(path, *, load_base, dtype=None, param_dtype=None, scan_layers=False):
     """(LlamaConfig, params) of a run's checkpoint (the latest, or the step folder given).
-    A LoRA run's adapters come back merged into its source's weights."""
+    A LoRA run's adapters come back merged into its source's weights, which
+    `load_base(source, scan_layers=...) -> (config, params)` reads: sources.load_model,
+    passed in because sources, which dispatches over every kind of source, sits above
+    this module."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -64,7 +67,7 @@ def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
     from flax.linen import meta
 
     from lsp_jax.model import Llama, LlamaConfig, LoraConfig, lora
-    from lsp_jax.weights.hf import stack_layers, unstack_layers
+    from lsp_jax.weights.layout import stack_layers, unstack_layers
 
     found = find_run(path)
     if found is None:
@@ -100,9 +103,7 @@ def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
     )
     params = restored["params"]
     if saved.lora.rank:
-        from lsp_jax.weights import sources
-
-        base = sources.load_model(info["model_source"], scan_layers=saved.scan_layers)[1]
+        base = load_base(info["model_source"], scan_layers=saved.scan_layers)[1]
         saved, params = lora.merge(saved, lora.combine(base, params))
     if scan_layers and not saved.scan_layers:
         params = stack_layers(params)
