@@ -3,7 +3,7 @@
     python benchmarks/aot_memory.py --model llama3_2_3b --topology v5e:2x4 \\
         --batch 16 --seq-len 768
 
-Compiles `lsp_jax.aot.loss_grad_program` (next-token loss, gradient and AdamW update;
+Compiles `lsp_jax.tpu.aot.loss_grad_program` (next-token loss, gradient and AdamW update;
 bf16 compute, float32 parameters and Adam moments, scanned and rematerialized layers,
 FSDP over all chips) with libtpu's compiler and prints the memory table. Exit status 1
 when it does not fit. Several --batch values compile one after the other.

@@ -40,7 +40,7 @@ def parse_args(argv=None):
 def note(summary, args, total_s) -> str:
     import jax
 
-    from lsp_jax import evaluate, winrate
+    from lsp_jax.eval import evaluate, winrate
 
     names, setup = summary["setup"]["names"], summary["setup"]
     sampling = setup["sampling"]
@@ -88,7 +88,7 @@ def main(argv=None):
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from lsp_jax import evaluate
+    from lsp_jax.eval import evaluate
 
     start = time.perf_counter()
     summary = evaluate.evaluate(

@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lsp_jax import aot, cli, sharding
+from lsp_jax import cli
 from lsp_jax.errors import UserError
 from lsp_jax.model import Llama, LlamaConfig
+from lsp_jax.runtime import sharding
+from lsp_jax.tpu import aot
 from lsp_jax.train import config as config_lib
-from lsp_jax.train import loop
+from lsp_jax.train import run as run_lib
 
 TOPOLOGY = "v5e:2x2"
 RULES = config_lib.default_config().mesh.rules
@@ -215,7 +217,7 @@ def test_self_play_flops_by_hand():
 
 def test_step_flops_reads_the_step_config_and_templates():
     config = config_lib.load_config("configs/tiny.py")
-    run = loop.build_run(config)
+    run = run_lib.build_run(config)
     parts = aot.step_flops(run.step_cfg, run.frozen.templates)
     assert config.game.mode == "lsp"  # A Challenger and the reference judge.
     assert parts["judge"] > 0 and parts["challenger_generation"] > 0
@@ -225,7 +227,7 @@ def test_step_flops_reads_the_step_config_and_templates():
 
 
 def _small_iteration(config, mesh):
-    """A stand-in for loop.abstract_iteration: x @ xᵀ over rows, on the CLI's mesh."""
+    """A stand-in for run_lib.abstract_iteration: x @ xᵀ over rows, on the CLI's mesh."""
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     side = 64 * config.game.num_queries
     x = jax.ShapeDtypeStruct((side, 128), jnp.float32, sharding=rows)
@@ -245,7 +247,7 @@ def test_cli_prints_the_report(monkeypatch, capsys):
         seen.update(queries=config.game.num_queries, devices=mesh.devices.size)
         return _small_iteration(config, mesh)
 
-    monkeypatch.setattr(loop, "abstract_iteration", fake, raising=False)
+    monkeypatch.setattr(run_lib, "abstract_iteration", fake, raising=False)
     argv = ["aot", "--config", "configs/tiny.py", "--topology", TOPOLOGY, "--step-time", "2"]
     assert cli.main(argv + ["--config.game.num_queries=4"]) == 0
     assert seen == {"queries": 4, "devices": 4}
@@ -261,7 +263,7 @@ def test_cli_prints_the_report(monkeypatch, capsys):
 
 
 def test_cli_exits_1_with_the_numbers_when_it_does_not_fit(monkeypatch, capsys):
-    monkeypatch.setattr(loop, "abstract_iteration", _huge_iteration, raising=False)
+    monkeypatch.setattr(run_lib, "abstract_iteration", _huge_iteration, raising=False)
     argv = ["aot", "--config", "configs/tiny.py", "--topology", "v5e:1x1"]
     assert cli.main(argv) == 1
     captured = capsys.readouterr()
@@ -270,10 +272,10 @@ def test_cli_exits_1_with_the_numbers_when_it_does_not_fit(monkeypatch, capsys):
 
 
 def test_cli_user_errors(monkeypatch, capsys):
-    monkeypatch.setattr(loop, "abstract_iteration", _small_iteration, raising=False)
+    monkeypatch.setattr(run_lib, "abstract_iteration", _small_iteration, raising=False)
     assert cli.main(["aot", "--config", "configs/tiny.py", "--topology", "v7:2x2"]) == 2
     assert "Unknown TPU topology 'v7:2x2'" in capsys.readouterr().err
-    monkeypatch.delattr(loop, "abstract_iteration", raising=False)
+    monkeypatch.delattr(run_lib, "abstract_iteration", raising=False)
     assert cli.main(["aot", "--config", "configs/tiny.py", "--topology", TOPOLOGY]) == 2
     assert "abstract_iteration" in capsys.readouterr().err
 
@@ -282,8 +284,8 @@ def _sampler_hlo(rollout: bool) -> str:
     """A small model's sampler (8 rows, 16 new tokens) compiled for v5e:2x4 from
     FSDP-sharded float32 parameters, in the rollout layout or in the training layout."""
     defaults = config_lib.default_config().mesh
-    rules = loop.rules_table(defaults.rules)
-    rollout_rules = loop.rules_table(defaults.rollout_rules) if rollout else ()
+    rules = run_lib.rules_table(defaults.rules)
+    rollout_rules = run_lib.rules_table(defaults.rollout_rules) if rollout else ()
     mesh = sharding.make_mesh((1, -1, 1), devices=aot.topology_devices("v5e:2x4"))
     cfg = LlamaConfig.tiny(
         vocab_size=8192,
@@ -301,7 +303,7 @@ def _sampler_hlo(rollout: bool) -> str:
 
 
 def test_decode_steps_gather_no_weights_in_the_rollout_layout():
-    from lsp_jax import hlo
+    from lsp_jax.tpu import hlo
 
     # Training layout (FSDP) inside the decode loop: every step gathers each layer's
     # weights and the LM head (here > 1 MiB), which is what the rollout layout removes.

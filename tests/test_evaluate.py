@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy import special
 
-from lsp_jax import cli, data, evaluate, winrate
-from lsp_jax.evaluate import PairwisePrompt
+from lsp_jax import cli, data
+from lsp_jax.eval import evaluate, winrate
+from lsp_jax.eval.evaluate import PairwisePrompt
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 PAD_ID, IM_START_ID, IM_END_ID = 256, 257, 258

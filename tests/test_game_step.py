@@ -11,7 +11,8 @@ import pytest
 from lsp_jax.game.splice import splice_segments
 from lsp_jax.sampling import SampleOutput
 from lsp_jax.train import config as config_lib
-from lsp_jax.train import loop, step
+from lsp_jax.train import run as run_lib
+from lsp_jax.train import step
 from lsp_jax.train.step import init_state
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
@@ -22,7 +23,7 @@ IM_START = 257  # A special token of the tiny tokenizer (<|im_start|>).
 def build(**overrides):
     config = config_lib.load_config(TINY)
     config_lib.apply_overrides(config, [f"{k}={v}" for k, v in overrides.items()])
-    run = loop.build_run(config)
+    run = run_lib.build_run(config)
     return run, init_state(run.params, run.optimizer, 0)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from lsp_jax.errors import UserError
 from lsp_jax.train import config as config_lib
-from lsp_jax.train import loop
+from lsp_jax.train import run as run_lib
 from lsp_jax.train import step as step_lib
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
@@ -20,7 +20,7 @@ def tiny_run(**overrides):
     config = config_lib.load_config(TINY)
     base = {"game.num_queries": 4, "game.answers_per_query": 2}
     config_lib.apply_overrides(config, [f"{k}={v}" for k, v in {**base, **overrides}.items()])
-    return loop.build_run(config)
+    return run_lib.build_run(config)
 
 
 @pytest.fixture(scope="module")

@@ -349,7 +349,7 @@ def record_gguf_reads(log):
 
 def shardings_for(mesh_name):
     """A function config -> shardings from the project's logical rules on a mesh."""
-    from lsp_jax import sharding
+    from lsp_jax.runtime import sharding
     from lsp_jax.train import config as config_lib
     from lsp_jax.train import placement
 

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from lsp_jax import sharding
 from lsp_jax.errors import UserError
+from lsp_jax.runtime import sharding
 
 MESHES = ["8x1x1", "1x8x1", "2x2x2", "1x2x4", "2x1x4"]
 

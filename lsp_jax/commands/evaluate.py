@@ -63,8 +63,8 @@ def add_arguments(parser):
 def run(args) -> int:
     import jax.numpy as jnp
 
-    from lsp_jax import evaluate, winrate
     from lsp_jax.errors import UserError
+    from lsp_jax.eval import evaluate, winrate
 
     labels = tuple(label.strip() for label in args.labels.split(","))
     if len(labels) != 2:

@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lsp_jax import sharding
 from lsp_jax.model import Llama, lora
+from lsp_jax.runtime import sharding
 from lsp_jax.train.step import Frozen, init_state, lsp_step
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lsp_jax import rl, sampling, sharding
+from lsp_jax import rl, sampling
 from lsp_jax.game import rewards
 from lsp_jax.game.advantages import (
     center_rewards,
@@ -35,6 +35,7 @@ from lsp_jax.model import (
     unembedding,
     vocab_logits,
 )
+from lsp_jax.runtime import sharding
 from lsp_jax.train.optim import skip_metrics
 
 
@@ -134,7 +135,7 @@ def lsp_step(state: TrainState, frozen: Frozen, *, cfg: StepConfig, optimizer):
 
     The phases below are separate functions so that `lsp_jax.train.phases` can also run
     them as separate programs and time them; here they trace into one program. Their
-    name scopes mark each phase's operations in the compiled program (`lsp_jax.hlo`).
+    name scopes mark each phase's operations in the compiled program (`lsp_jax.tpu.hlo`).
     """
     k_challenger, k_solver, k_judge = phase_keys(state)
     with jax.named_scope("rollout_params"):

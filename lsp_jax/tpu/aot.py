@@ -678,8 +678,8 @@ def loss_grad_program(model_cfg, mesh, rules, *, batch: int, seq_len: int, learn
     import jax.numpy as jnp
     import optax
 
-    from lsp_jax import sharding
     from lsp_jax.model import Llama
+    from lsp_jax.runtime import sharding
 
     model = Llama(model_cfg)
     optimizer = optax.adamw(learning_rate)
@@ -742,8 +742,9 @@ def sampler_program(
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from lsp_jax import sampling, sharding
+    from lsp_jax import sampling
     from lsp_jax.model import Llama, param_axes
+    from lsp_jax.runtime import sharding
 
     init = lambda: Llama(model_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     boxed = jax.eval_shape(init)["params"]

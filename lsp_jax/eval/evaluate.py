@@ -20,7 +20,7 @@ Judges (`judge_kind`):
   which cancels a constant position bias exactly (a judge that always says "A" scores 0.5).
 
 Identical answers are ties without asking the judge (there is nothing to choose between).
-Preferences follow `lsp_jax.winrate`: 1 model better, 0 baseline better, 0.5 tie. Lengths
+Preferences follow `lsp_jax.eval.winrate`: 1 model better, 0 baseline better, 0.5 tie. Lengths
 for the length-controlled win rate are counted in characters (comparable across tokenizers).
 """
 
@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
-from lsp_jax import data, winrate
+from lsp_jax import data
 from lsp_jax.errors import UserError
+from lsp_jax.eval import winrate
 from lsp_jax.game.rewards import reward_model_scores
 from lsp_jax.model import Llama, LlamaConfig, vocab_logits
 from lsp_jax.sampling import SamplerConfig, jit_sample
@@ -567,7 +568,7 @@ def _answer_stats(answers: Answers) -> dict:
 
 def _ifeval_phase(models, source, *, limit, out_dir, generate):
     """Answers IFEval prompts with each model and scores them; writes one report per role."""
-    from lsp_jax import ifeval
+    from lsp_jax.eval import ifeval
 
     examples = ifeval.load_ifeval(source, limit=limit)
     results, texts = {}, {}
@@ -735,7 +736,7 @@ def evaluate(
     if judge_kind not in JUDGE_KINDS:
         raise UserError(f"Unknown judge kind {judge_kind!r}; use one of {', '.join(JUDGE_KINDS)}.")
     if ifeval:  # Before hours of generation: its checkers are an optional extra.
-        from lsp_jax import ifeval as ifeval_lib
+        from lsp_jax.eval import ifeval as ifeval_lib
 
         ifeval_lib.require_checkers()
     clock = _Clock(log)

@@ -248,7 +248,7 @@ def check_prompts(config, count: int) -> list[str]:
     """`count` prompts spread over the config's prompt set (data.prompts), each category
     represented, rounded down to whole batches."""
     from lsp_jax import data
-    from lsp_jax.train.loop import eval_indices
+    from lsp_jax.train.run import eval_indices
 
     prompts = data.load_prompts(config.data.prompts, data_dir=config.data.tfds_data_dir or None)
     count = min(count, len(prompts))
@@ -268,13 +268,13 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
 
     Args:
       config: a training config (locked ml_collections ConfigDict).
-      run: an already built lsp_jax.train.loop.Run (`train` passes its own), else built.
+      run: an already built lsp_jax.train.run.Run (`train` passes its own), else built.
       num_prompts: prompts to score (default reward.check_prompts).
       judge_names: named judges to compare (default: the config's judge as it is).
       log: where progress lines go.
     """
     from lsp_jax.game import judges
-    from lsp_jax.train import loop
+    from lsp_jax.train import run as run_lib
     from lsp_jax.train import step as step_lib
 
     uses_judge = config.game.mode == "lsp" or config.reward.kind == "self_judge"
@@ -292,7 +292,7 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
         )
     for name in judge_names or ():
         judges.get(name)  # Unknown names fail before any model is loaded.
-    run = run or loop.build_run(config)
+    run = run or run_lib.build_run(config)
     tokenizer = run.tokenizer
     max_query = run.step_cfg.challenger.max_new_tokens
     texts = check_prompts(config, num_prompts or config.reward.check_prompts)
@@ -335,7 +335,7 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
 def _with_templates(run, config):
     """The run's frozen inputs with the token templates of `config`'s judge."""
     from lsp_jax.game.templates import build_templates
-    from lsp_jax.train.loop import template_texts
+    from lsp_jax.train.run import template_texts
     from lsp_jax.weights import sources
 
     rm_chat = None
