@@ -33,21 +33,21 @@ def main():
 
     from lsp_jax.model import LlamaConfig
     from lsp_jax.runtime import sharding
-    from lsp_jax.tpu import aot, hlo, roofline
+    from lsp_jax.tpu import hlo, programs, roofline, topologies
     from lsp_jax.train import config as config_lib
     from lsp_jax.train import run as run_lib
 
     defaults = config_lib.default_config().mesh
     rules = run_lib.rules_table(defaults.rules)
-    generation, _ = aot.parse_topology(args.topology)
-    mesh = sharding.make_mesh((1, -1, 1), devices=aot.topology_devices(args.topology))
+    generation, _ = topologies.parse_topology(args.topology)
+    mesh = sharding.make_mesh((1, -1, 1), devices=topologies.topology_devices(args.topology))
     cfg = getattr(LlamaConfig, args.preset)(dtype=jnp.bfloat16, scan_layers=True)
     rows = {}
     for name, rollout_rules in (
         ("training layout", ()),
         ("rollout layout", run_lib.rules_table(defaults.rollout_rules)),
     ):
-        fn, fn_args = aot.sampler_program(
+        fn, fn_args = programs.sampler_program(
             cfg,
             mesh,
             rules,

@@ -13,7 +13,8 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lsp_jax import checkpoint, sampling, sharding  # noqa: E402
+from lsp_jax import sampling  # noqa: E402
+from lsp_jax.runtime import checkpoint, sharding  # noqa: E402
 from lsp_jax.train import config as config_lib  # noqa: E402
 from lsp_jax.train import placement  # noqa: E402
 from lsp_jax.train import run as run_lib  # noqa: E402

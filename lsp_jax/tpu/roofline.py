@@ -6,7 +6,7 @@ An estimate, not a measurement: a phase takes at least the longest of
   memory     HBM bytes / HBM bandwidth
   network    collective bytes / ICI bandwidth (one direction per chip)
 assuming the three overlap perfectly; real programs also pay latency per step, which
-decode loops of thousands of small steps feel most. Chip figures: lsp_jax.tpu.aot.TOPOLOGIES.
+decode loops of thousands of small steps feel most. Chip figures: lsp_jax.tpu.topologies.TOPOLOGIES.
 """
 
 import dataclasses

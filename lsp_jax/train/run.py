@@ -293,7 +293,7 @@ def abstract_iteration(config, mesh):
     Returns:
       (jitted iteration, (abstract state, abstract frozen), FLOPs per iteration by phase).
     """
-    from lsp_jax.tpu import aot
+    from lsp_jax.tpu import flop_counts
     from lsp_jax.train import estimate
 
     m = config.model
@@ -346,7 +346,7 @@ def abstract_iteration(config, mesh):
     jitted = placement_lib.jit_iterations(
         step_cfg, optimizer, placement, config.train.steps_per_jit
     )
-    flops = aot.step_flops(step_cfg, templates)
+    flops = flop_counts.step_flops(step_cfg, templates)
     return jitted, (abstract_state, abstract_frozen), flops
 
 
