@@ -31,7 +31,8 @@ from flax.linen import meta
 from lsp_jax.model import Llama, LlamaConfig
 from lsp_jax.train import config as config_lib
 from lsp_jax.train import run as run_lib
-from lsp_jax.train.step import init_state, lsp_step
+from lsp_jax.train.state import init_state
+from lsp_jax.train.step import lsp_step
 from lsp_jax.weights import tiny
 from lsp_jax.weights.hf import save_hf
 from tests import constructed_rewards as constructed

@@ -66,7 +66,7 @@ def test_jaxpr_of_one_iteration_holds_both_rollouts_and_the_update():
     import functools
 
     from lsp_jax.train import placement
-    from lsp_jax.train.step import init_state
+    from lsp_jax.train.state import init_state
 
     run = run_lib.build_run(tiny_config())
     state = init_state(run.params, run.optimizer, 0)

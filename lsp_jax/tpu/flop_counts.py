@@ -161,7 +161,7 @@ def _piece_len(piece) -> int:
 
 
 def step_flops(step_cfg, templates) -> dict[str, float]:
-    """`self_play_flops` for a lsp_jax.train.step.StepConfig and its GameTemplates."""
+    """`self_play_flops` for a lsp_jax.train.state.StepConfig and its GameTemplates."""
     t = templates
     sampled_judge = step_cfg.judge_mode == "sampled" and step_cfg.judge is not None
     return self_play_flops(

@@ -21,7 +21,7 @@ from lsp_jax.train import phases, preemption
 from lsp_jax.train import placement as placement_lib
 from lsp_jax.train.optim import consecutive_skips
 from lsp_jax.train.run import Run, build_run, eval_prompts, lora_info, make_mesh, mesh_rules
-from lsp_jax.train.step import policy_params, reference_params
+from lsp_jax.train.state import policy_params, reference_params
 from lsp_jax.weights import sources
 
 SUMMARY_KEYS = (

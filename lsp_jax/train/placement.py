@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from lsp_jax.model import Llama, lora
 from lsp_jax.runtime import sharding
-from lsp_jax.train.step import Frozen, init_state, lsp_step
+from lsp_jax.train.state import Frozen, init_state
+from lsp_jax.train.step import lsp_step
 
 
 @dataclasses.dataclass

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsp_jax.errors import UserError
+from lsp_jax.train import forward as forward_lib
+from lsp_jax.train import state as state_lib
 
 DEGRADATIONS = {
     "other_prompt": "the answer to another prompt",
@@ -207,7 +209,6 @@ def _digit_mass(cfg, frozen, queries, answers):
     score (the judge's input as score_answers builds it)."""
     from lsp_jax.game.splice import splice_segments
     from lsp_jax.model import vocab_logits
-    from lsp_jax.train import step
 
     t = frozen.templates
     pair = [
@@ -218,8 +219,8 @@ def _digit_mass(cfg, frozen, queries, answers):
     ]
     tokens, mask = splice_segments(pair, pad_id=cfg.pad_id)
     prefix_1P = t.judge_prefix[0]
-    ref_params = step.reference_params(frozen)
-    last_BD = step.forward_with_prefix(
+    ref_params = state_lib.reference_params(frozen)
+    last_BD = forward_lib.forward_with_prefix(
         cfg.reference, ref_params, prefix_1P, jnp.ones(prefix_1P.shape, bool), tokens, mask
     )[1]
     # float32: a small model's score tokens may hold tiny probabilities.
@@ -275,7 +276,6 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
     """
     from lsp_jax.game import judges
     from lsp_jax.train import run as run_lib
-    from lsp_jax.train import step as step_lib
 
     uses_judge = config.game.mode == "lsp" or config.reward.kind == "self_judge"
     if config.reward.kind == "none" and not uses_judge:
@@ -299,7 +299,7 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
     queries = [tokenizer.encode(text)[:max_query] for text in texts]
     solver = run.step_cfg.solver
     log(f"reward-check: the policy answers {len(queries)} prompts ...")
-    policy = step_lib.policy_params(run.frozen, run.params)
+    policy = state_lib.policy_params(run.frozen, run.params)
     answers = policy_answers(run, policy, queries, seed=config.train.seed)
     kinds = {"policy": answers}
     kinds.update(degrade(answers, tokenizer, max_tokens=solver.max_new_tokens))

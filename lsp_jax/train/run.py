@@ -20,7 +20,7 @@ from lsp_jax.runtime import metrics as metrics_lib
 from lsp_jax.runtime import sharding
 from lsp_jax.train import placement as placement_lib
 from lsp_jax.train.optim import make_optimizer
-from lsp_jax.train.step import Frozen, StepConfig, init_state
+from lsp_jax.train.state import Frozen, StepConfig, init_state
 from lsp_jax.weights import sources
 
 REWARD_KINDS = ("model", "self_judge", "none")
