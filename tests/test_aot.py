@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lsp_jax import aot, cli, sharding
+from lsp_jax import cli
 from lsp_jax.errors import UserError
 from lsp_jax.model import Llama, LlamaConfig
+from lsp_jax.runtime import sharding
+from lsp_jax.tpu import aot, flop_counts, programs, topologies
 from lsp_jax.train import config as config_lib
-from lsp_jax.train import loop
+from lsp_jax.train import run as run_lib
 
 TOPOLOGY = "v5e:2x2"
 RULES = config_lib.default_config().mesh.rules
@@ -27,14 +29,14 @@ MiB, GiB = 2**20, 2**30
 
 @pytest.fixture(scope="module")
 def mesh():
-    return sharding.make_mesh((1, -1, 1), devices=aot.topology_devices(TOPOLOGY))
+    return sharding.make_mesh((1, -1, 1), devices=topologies.topology_devices(TOPOLOGY))
 
 
 @pytest.fixture(scope="module")
 def tiny_step(mesh):
     """The tiny Llama's loss + grad + AdamW step, compiled for 4 v5e chips (FSDP)."""
     cfg = LlamaConfig.tiny(dtype=jnp.bfloat16, scan_layers=True, remat=True)
-    fn, args = aot.loss_grad_program(cfg, mesh, RULES, batch=8, seq_len=64)
+    fn, args = programs.loss_grad_program(cfg, mesh, RULES, batch=8, seq_len=64)
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
         report = aot.compile_report(fn, *args, topology=TOPOLOGY)
     return args, report
@@ -53,9 +55,9 @@ def tiny_step(mesh):
 )
 def test_topology_devices_one_per_chip_and_cpu_stays_default(name, count, kind):
     environment = dict(os.environ)
-    devices = aot.topology_devices(name)
+    devices = topologies.topology_devices(name)
     assert dict(os.environ) == environment  # libtpu's settings are not left behind.
-    assert len(devices) == count == aot.num_chips(name)
+    assert len(devices) == count == topologies.num_chips(name)
     assert {d.platform for d in devices} == {"tpu"}
     assert {d.device_kind for d in devices} == {kind}
     assert jax.default_backend() == "cpu"
@@ -64,13 +66,13 @@ def test_topology_devices_one_per_chip_and_cpu_stays_default(name, count, kind):
 @pytest.mark.parametrize("name", ["v9:2x2", "v5e", "tpu", "v5e:2x2x1", "v4:2x2", "v5e:axb"])
 def test_unknown_topologies_name_the_valid_ones(name):
     with pytest.raises(UserError, match="v5e:2x4") as error:
-        aot.topology_devices(name)
+        topologies.topology_devices(name)
     assert repr(name) in str(error.value)
 
 
 def test_topologies_libtpu_rejects_are_user_errors():
     with pytest.raises(UserError, match="v5e:3x3"):
-        aot.topology_devices("v5e:3x3")  # Not a whole number of 2x2 hosts.
+        topologies.topology_devices("v5e:3x3")  # Not a whole number of 2x2 hosts.
 
 
 def test_missing_libtpu_says_how_to_install(monkeypatch):
@@ -80,7 +82,7 @@ def test_missing_libtpu_says_how_to_install(monkeypatch):
     )
     monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
     with pytest.raises(UserError, match=r"pip install 'jax\[tpu\]"):
-        aot.topology_devices("v5e:2x2")
+        topologies.topology_devices("v5e:2x2")
 
 
 def test_tiny_step_arguments_match_a_hand_count(tiny_step):
@@ -125,7 +127,7 @@ def test_peak_counts_temporaries_by_hand(mesh):
 
 
 def test_compiler_refusal_is_a_report_that_does_not_fit():
-    device = aot.topology_devices("v5e:1x1")[0]
+    device = topologies.topology_devices("v5e:1x1")[0]
     one_chip = jax.sharding.Mesh([device], ("chip",))
     huge = jax.ShapeDtypeStruct(
         (2**38,), jnp.float32, sharding=NamedSharding(one_chip, PartitionSpec())
@@ -138,9 +140,9 @@ def test_compiler_refusal_is_a_report_that_does_not_fit():
     assert "DOES NOT FIT" in aot.format_report(report)
 
 
-@pytest.mark.parametrize("generation", sorted(aot.TOPOLOGIES))
+@pytest.mark.parametrize("generation", sorted(topologies.TOPOLOGIES))
 def test_usable_hbm_is_what_the_compiler_allows(generation):
-    g = aot.TOPOLOGIES[generation]
+    g = topologies.TOPOLOGIES[generation]
     assert aot.compiler_hbm_limit(g.examples[0]) == pytest.approx(g.usable_hbm_bytes, abs=GiB / 100)
     assert g.usable_hbm_bytes <= g.hbm_bytes * 1.01
 
@@ -164,13 +166,13 @@ BLOCKS, HEAD, PER_KEY = 147456, 65536, 512
 
 def test_llama_flops_by_hand():
     cfg = LlamaConfig.tiny()
-    assert aot.llama_flops(cfg, 10, training=False) == 10 * (BLOCKS + HEAD)
+    assert flop_counts.llama_flops(cfg, 10, training=False) == 10 * (BLOCKS + HEAD)
     forward = 10 * BLOCKS + 10 * HEAD + 10 * 10 * PER_KEY
-    assert aot.llama_flops(cfg, 10, context=10, training=False) == forward
-    assert aot.llama_flops(cfg, 10, context=10) == 3 * forward
-    assert aot.llama_flops(cfg, 10, head_tokens=1, training=False) == 10 * BLOCKS + HEAD
+    assert flop_counts.llama_flops(cfg, 10, context=10, training=False) == forward
+    assert flop_counts.llama_flops(cfg, 10, context=10) == 3 * forward
+    assert flop_counts.llama_flops(cfg, 10, head_tokens=1, training=False) == 10 * BLOCKS + HEAD
     classifier = cfg.replace(num_labels=1)
-    assert aot.llama_flops(classifier, 10, training=False) == 10 * (BLOCKS + 2 * 64)
+    assert flop_counts.llama_flops(classifier, 10, training=False) == 10 * (BLOCKS + 2 * 64)
 
 
 def test_llama_flops_agree_with_xla_on_an_unscanned_forward():
@@ -180,7 +182,7 @@ def test_llama_flops_agree_with_xla_on_an_unscanned_forward():
     tokens_BT = jnp.zeros((2, 32), jnp.int32)
     params = jax.eval_shape(Llama(cfg).init, jax.random.key(0), tokens_BT)
     forward = jax.jit(Llama(cfg).apply).lower(params, tokens_BT).compile()
-    ours = aot.llama_flops(cfg, 64, context=32, training=False)
+    ours = flop_counts.llama_flops(cfg, 64, context=32, training=False)
     # XLA also counts norms, RoPE, softmax (a few %); no loops here, so it counts all.
     assert forward.cost_analysis()["flops"] == pytest.approx(ours, rel=0.03)
 
@@ -190,7 +192,7 @@ def test_self_play_flops_by_hand():
         return tokens * BLOCKS + head_tokens * HEAD + keys * PER_KEY
 
     # N 2, G 3, challenger prompt 5, query 4, answer 6, solver template 2 (prompt 6).
-    parts = aot.self_play_flops(
+    parts = flop_counts.self_play_flops(
         LlamaConfig.tiny(),
         num_queries=2,
         answers_per_query=3,
@@ -215,8 +217,8 @@ def test_self_play_flops_by_hand():
 
 def test_step_flops_reads_the_step_config_and_templates():
     config = config_lib.load_config("configs/tiny.py")
-    run = loop.build_run(config)
-    parts = aot.step_flops(run.step_cfg, run.frozen.templates)
+    run = run_lib.build_run(config)
+    parts = flop_counts.step_flops(run.step_cfg, run.frozen.templates)
     assert config.game.mode == "lsp"  # A Challenger and the reference judge.
     assert parts["judge"] > 0 and parts["challenger_generation"] > 0
     assert (parts["reward_model"] > 0) == (config.reward.kind == "model")
@@ -225,7 +227,7 @@ def test_step_flops_reads_the_step_config_and_templates():
 
 
 def _small_iteration(config, mesh):
-    """A stand-in for loop.abstract_iteration: x @ xᵀ over rows, on the CLI's mesh."""
+    """A stand-in for run_lib.abstract_iteration: x @ xᵀ over rows, on the CLI's mesh."""
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     side = 64 * config.game.num_queries
     x = jax.ShapeDtypeStruct((side, 128), jnp.float32, sharding=rows)
@@ -245,7 +247,7 @@ def test_cli_prints_the_report(monkeypatch, capsys):
         seen.update(queries=config.game.num_queries, devices=mesh.devices.size)
         return _small_iteration(config, mesh)
 
-    monkeypatch.setattr(loop, "abstract_iteration", fake, raising=False)
+    monkeypatch.setattr(run_lib, "abstract_iteration", fake, raising=False)
     argv = ["aot", "--config", "configs/tiny.py", "--topology", TOPOLOGY, "--step-time", "2"]
     assert cli.main(argv + ["--config.game.num_queries=4"]) == 0
     assert seen == {"queries": 4, "devices": 4}
@@ -261,7 +263,7 @@ def test_cli_prints_the_report(monkeypatch, capsys):
 
 
 def test_cli_exits_1_with_the_numbers_when_it_does_not_fit(monkeypatch, capsys):
-    monkeypatch.setattr(loop, "abstract_iteration", _huge_iteration, raising=False)
+    monkeypatch.setattr(run_lib, "abstract_iteration", _huge_iteration, raising=False)
     argv = ["aot", "--config", "configs/tiny.py", "--topology", "v5e:1x1"]
     assert cli.main(argv) == 1
     captured = capsys.readouterr()
@@ -270,10 +272,10 @@ def test_cli_exits_1_with_the_numbers_when_it_does_not_fit(monkeypatch, capsys):
 
 
 def test_cli_user_errors(monkeypatch, capsys):
-    monkeypatch.setattr(loop, "abstract_iteration", _small_iteration, raising=False)
+    monkeypatch.setattr(run_lib, "abstract_iteration", _small_iteration, raising=False)
     assert cli.main(["aot", "--config", "configs/tiny.py", "--topology", "v7:2x2"]) == 2
     assert "Unknown TPU topology 'v7:2x2'" in capsys.readouterr().err
-    monkeypatch.delattr(loop, "abstract_iteration", raising=False)
+    monkeypatch.delattr(run_lib, "abstract_iteration", raising=False)
     assert cli.main(["aot", "--config", "configs/tiny.py", "--topology", TOPOLOGY]) == 2
     assert "abstract_iteration" in capsys.readouterr().err
 
@@ -282,9 +284,9 @@ def _sampler_hlo(rollout: bool) -> str:
     """A small model's sampler (8 rows, 16 new tokens) compiled for v5e:2x4 from
     FSDP-sharded float32 parameters, in the rollout layout or in the training layout."""
     defaults = config_lib.default_config().mesh
-    rules = loop.rules_table(defaults.rules)
-    rollout_rules = loop.rules_table(defaults.rollout_rules) if rollout else ()
-    mesh = sharding.make_mesh((1, -1, 1), devices=aot.topology_devices("v5e:2x4"))
+    rules = run_lib.rules_table(defaults.rules)
+    rollout_rules = run_lib.rules_table(defaults.rollout_rules) if rollout else ()
+    mesh = sharding.make_mesh((1, -1, 1), devices=topologies.topology_devices("v5e:2x4"))
     cfg = LlamaConfig.tiny(
         vocab_size=8192,
         dim=512,
@@ -295,13 +297,13 @@ def _sampler_hlo(rollout: bool) -> str:
         dtype=jnp.bfloat16,
         scan_layers=True,
     )
-    fn, args = aot.sampler_program(cfg, mesh, rules, rollout_rules=rollout_rules)
+    fn, args = programs.sampler_program(cfg, mesh, rules, rollout_rules=rollout_rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return fn.lower(*args).compile().as_text()
 
 
 def test_decode_steps_gather_no_weights_in_the_rollout_layout():
-    from lsp_jax import hlo
+    from lsp_jax.tpu import hlo
 
     # Training layout (FSDP) inside the decode loop: every step gathers each layer's
     # weights and the LM head (here > 1 MiB), which is what the rollout layout removes.

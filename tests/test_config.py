@@ -13,7 +13,7 @@ CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "config
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_shipped_configs_load_and_pass_checks(path):
-    from lsp_jax.train.loop import check_config
+    from lsp_jax.train.run import check_config
 
     config = config_lib.load_config(path)
     if not config.model.source:  # The paper's configs need the user's model paths.
@@ -126,7 +126,7 @@ def test_lengths_and_stray_flags_are_usage_errors(tmp_path, capsys):
 
 
 def _checked(**overrides):
-    from lsp_jax.train.loop import check_config
+    from lsp_jax.train.run import check_config
 
     tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
     config = config_lib.load_config(tiny)

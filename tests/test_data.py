@@ -19,7 +19,7 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-    from lsp_jax import tfds_prompts
+    from lsp_jax.data import tfds_prompts
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     source = tfds_prompts.build(data_dir)

@@ -9,8 +9,10 @@ import pytest
 import torch
 from scipy import special
 
-from lsp_jax import cli, data, evaluate, winrate
-from lsp_jax.evaluate import PairwisePrompt
+from lsp_jax import cli, data
+from lsp_jax.eval import answers as answers_lib
+from lsp_jax.eval import evaluate, judges, winrate
+from lsp_jax.eval.judges import PairwisePrompt
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 PAD_ID, IM_START_ID, IM_END_ID = 256, 257, 258
@@ -165,9 +167,9 @@ def mark_reward_model(hf, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(lm, biased_judge, mark_reward_model):
     return {
-        "lm": evaluate.load_eval_model(lm[1]),
-        "biased": evaluate.load_eval_model(biased_judge[1]),
-        "reward": evaluate.load_eval_model(mark_reward_model[1]),
+        "lm": answers_lib.load_eval_model(lm[1]),
+        "biased": answers_lib.load_eval_model(biased_judge[1]),
+        "reward": answers_lib.load_eval_model(mark_reward_model[1]),
     }
 
 
@@ -185,7 +187,7 @@ def hf_chat_ids(folder, messages, add_generation_prompt):
 
 
 def test_bucket_lengths():
-    assert [evaluate.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 97, 200)] == [
+    assert [answers_lib.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 97, 200)] == [
         16,
         16,
         24,
@@ -200,11 +202,11 @@ def test_bucket_lengths():
 
 
 def test_left_pad_and_length_batches():
-    tokens_BT, mask_BT = evaluate.left_pad([[5, 6], [7], []], 3, pad_id=9)
+    tokens_BT, mask_BT = answers_lib.left_pad([[5, 6], [7], []], 3, pad_id=9)
     np.testing.assert_array_equal(tokens_BT, [[9, 5, 6], [9, 9, 7], [9, 9, 9]])
     np.testing.assert_array_equal(mask_BT, [[0, 1, 1], [0, 0, 1], [0, 0, 0]])
     rows = [[1] * 3, [1] * 40, [1] * 20, [1] * 5, [1] * 17]
-    assert evaluate.length_batches(rows, 2) == [([1, 2], 48), ([4, 3], 24), ([0], 16)]
+    assert answers_lib.length_batches(rows, 2) == [([1, 2], 48), ([4, 3], 24), ([0], 16)]
 
 
 # Generation.
@@ -214,16 +216,16 @@ def test_greedy_answers_match_transformers_and_do_not_depend_on_batching(lm, loa
     model = loaded["lm"]
     prompts = [data.Prompt(text, "c") for text in INSTRUCTIONS]
     options = dict(max_new_tokens=NEW_TOKENS, temperature=0.0, seed=0)
-    by_one = evaluate.sample_answers(
+    by_one = answers_lib.sample_answers(
         model.config, model.params, model.chat, prompts, batch_size=1, **options
     )
-    by_three = evaluate.sample_answers(
+    by_three = answers_lib.sample_answers(
         model.config, model.params, model.chat, prompts, batch_size=BATCH, **options
     )
     assert by_one.token_ids == by_three.token_ids
     for k, text in enumerate(INSTRUCTIONS):
         ids = hf_chat_ids(lm[1], [{"role": "user", "content": text}], True)
-        assert evaluate.prompt_ids(model.chat, text) == ids
+        assert answers_lib.prompt_ids(model.chat, text) == ids
         with torch.no_grad():
             out = lm[0].generate(
                 torch.tensor([ids]),
@@ -242,8 +244,8 @@ def test_greedy_answers_match_transformers_and_do_not_depend_on_batching(lm, loa
 
 
 def test_stop_token_is_removed(stopper):
-    model = evaluate.load_eval_model(stopper[1])
-    answers = evaluate.sample_answers(
+    model = answers_lib.load_eval_model(stopper[1])
+    answers = answers_lib.sample_answers(
         model.config,
         model.params,
         model.chat,
@@ -263,7 +265,7 @@ def test_reward_model_judge_gives_the_rigged_verdicts(mark_reward_model, loaded)
     judge = loaded["reward"]
     model_answers = ["a#b", "x#", "plain", "text", "same", "both#"]
     baseline_answers = ["abc", "xy", "pl#in", "text2", "same", "#both"]
-    result = evaluate.judge_pairs(
+    result = judges.judge_pairs(
         judge,
         INSTRUCTIONS + ["Echo.", "Echo."],
         model_answers,
@@ -290,7 +292,7 @@ def test_reward_model_judge_gives_the_rigged_verdicts(mark_reward_model, loaded)
             {"role": "assistant", "content": answer},
         ]
         ids = hf_chat_ids(mark_reward_model[1], messages, False)
-        assert evaluate.reward_model_rows(judge.chat, messages[0]["content"], answer) == ids
+        assert judges.reward_model_rows(judge.chat, messages[0]["content"], answer) == ids
         with torch.no_grad():
             expected = mark_reward_model[0](torch.tensor([ids])).logits[0, 0].item()
         key = "score_model" if answer == model_answers[i] else "score_baseline"
@@ -301,7 +303,7 @@ def test_reward_model_win_rate_is_the_hand_count(loaded):
     model_answers = ["#1", "#2", "#3", "four", "five", "six"]
     baseline_answers = ["one", "two", "three", "#4", "5", "6"]
     categories = ["x", "x", "x", "y", "y", "y"]
-    result = evaluate.judge_pairs(
+    result = judges.judge_pairs(
         loaded["reward"],
         INSTRUCTIONS + ["Echo.", "Echo."],
         model_answers,
@@ -326,8 +328,8 @@ def test_reward_model_win_rate_is_the_hand_count(loaded):
 
 def test_pairwise_orders_swap_the_answers(loaded):
     chat = loaded["lm"].chat
-    first = evaluate.pairwise_rows(chat, SHORT_PAIRWISE, "Q?", "one", "two")
-    second = evaluate.pairwise_rows(chat, SHORT_PAIRWISE, "Q?", "two", "one")
+    first = judges.pairwise_rows(chat, SHORT_PAIRWISE, "Q?", "one", "two")
+    second = judges.pairwise_rows(chat, SHORT_PAIRWISE, "Q?", "two", "one")
     assert first != second
     decode = lambda ids: chat.tokenizer.decode(ids)
     assert decode(first) == (
@@ -352,7 +354,7 @@ def hf_label_probability(model, folder, instruction, first, second):
 def test_pairwise_preference_averages_both_orders_like_transformers(lm, loaded):
     model_answers = ["yes", "a long answer", "red", "x"]
     baseline_answers = ["no", "short", "blue", "y"]
-    result = evaluate.judge_pairs(
+    result = judges.judge_pairs(
         loaded["lm"],
         INSTRUCTIONS,
         model_answers,
@@ -377,7 +379,7 @@ def test_pairwise_preference_averages_both_orders_like_transformers(lm, loaded):
 def test_position_biased_judge_cancels_to_half(loaded):
     model_answers = ["good", "fine answer", "ok", "great"]
     baseline_answers = ["bad", "poor", "meh", "awful"]
-    result = evaluate.judge_pairs(
+    result = judges.judge_pairs(
         loaded["biased"],
         INSTRUCTIONS,
         model_answers,
@@ -400,7 +402,7 @@ def test_position_biased_judge_cancels_to_half(loaded):
 def test_identical_answers_judged_as_ties_by_the_judges_too(loaded):
     answers = ["same answer", "again", "x", "y"]
     for kind, judge in (("pairwise", loaded["lm"]), ("reward_model", loaded["reward"])):
-        result = evaluate.judge_pairs(
+        result = judges.judge_pairs(
             judge,
             INSTRUCTIONS,
             answers,
@@ -411,17 +413,17 @@ def test_identical_answers_judged_as_ties_by_the_judges_too(loaded):
             batch_size=BATCH,
         )
         np.testing.assert_allclose(result["preference"], 0.5, atol=1e-6)
-        skipped = evaluate.judge_pairs(judge, INSTRUCTIONS, answers, list(answers), kind=kind)
+        skipped = judges.judge_pairs(judge, INSTRUCTIONS, answers, list(answers), kind=kind)
         assert skipped["preference"] == [0.5] * 4 and skipped["identical"] == [True] * 4
 
 
 def test_wrong_judge_kind_is_explained(loaded):
     with pytest.raises(evaluate.UserError, match="sequence classifier"):
-        evaluate.judge_pairs(loaded["lm"], ["q"], ["a"], ["b"], kind="reward_model")
+        judges.judge_pairs(loaded["lm"], ["q"], ["a"], ["b"], kind="reward_model")
     with pytest.raises(evaluate.UserError, match="reward_model"):
-        evaluate.judge_pairs(loaded["reward"], ["q"], ["a"], ["b"], kind="pairwise")
+        judges.judge_pairs(loaded["reward"], ["q"], ["a"], ["b"], kind="pairwise")
     with pytest.raises(evaluate.UserError, match="single tokens"):
-        evaluate.judge_pairs(
+        judges.judge_pairs(
             loaded["lm"], ["q"], ["a"], ["b"], pairwise_prompt=PairwisePrompt(labels=("AB", "C"))
         )
 

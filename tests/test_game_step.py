@@ -11,8 +11,10 @@ import pytest
 from lsp_jax.game.splice import splice_segments
 from lsp_jax.sampling import SampleOutput
 from lsp_jax.train import config as config_lib
-from lsp_jax.train import loop, step
-from lsp_jax.train.step import init_state
+from lsp_jax.train import loss as loss_lib
+from lsp_jax.train import run as run_lib
+from lsp_jax.train import step
+from lsp_jax.train.state import init_state
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 N, G, Q, A = 2, 2, 4, 5  # tiny.py: 2 queries, 2 answers each.
@@ -22,7 +24,7 @@ IM_START = 257  # A special token of the tiny tokenizer (<|im_start|>).
 def build(**overrides):
     config = config_lib.load_config(TINY)
     config_lib.apply_overrides(config, [f"{k}={v}" for k, v in overrides.items()])
-    run = loop.build_run(config)
+    run = run_lib.build_run(config)
     return run, init_state(run.params, run.optimizer, 0)
 
 
@@ -91,7 +93,7 @@ def test_in_reward_kl_stays_with_each_roles_own_sequence(monkeypatch):
     # The same through the whole update (the review measured [0.25, -0.25] here); the
     # policy's log-probs are stubbed out, which the advantages do not depend on.
     stub = lambda model_cfg, params, groups, cfg: [jnp.zeros(g[2].shape) for g in groups]
-    monkeypatch.setattr(step, "groups_logprobs", stub)
+    monkeypatch.setattr(loss_lib, "groups_logprobs", stub)
     queries, solver, reference = rollouts(run, **drift)
     metrics = step.update(
         run.step_cfg, run.optimizer, state, queries, solver, (ones, ones, {}), reference

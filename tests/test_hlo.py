@@ -1,4 +1,4 @@
-"""lsp_jax.hlo reads compiled programs: FLOPs and bytes against hand counts, loops
+"""lsp_jax.tpu.hlo reads compiled programs: FLOPs and bytes against hand counts, loops
 multiplied by their trip counts, phases from name scopes; convolutions as the TPU
 compiler writes batched matmuls."""
 
@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from lsp_jax import hlo
 from lsp_jax.sampling import DECODE_SCOPE
+from lsp_jax.tpu import hlo
 
 A = jax.ShapeDtypeStruct((4, 8), jnp.float32)
 W = jax.ShapeDtypeStruct((8, 8), jnp.float32)

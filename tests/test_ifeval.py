@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from lsp_jax import ifeval
 from lsp_jax.errors import UserError
+from lsp_jax.eval import ifeval
 
 # (instruction id, kwargs, passing response, failing response). Each verdict was worked out by
 # hand from the IFEval rule for that type; comments note the count or feature that decides it.
@@ -333,7 +333,7 @@ def test_loader_errors(tmp_path):
 def test_missing_extra_is_named_before_any_model_loads(monkeypatch, tmp_path):
     """Without the optional `ifeval` extra, `lsp-jax eval --ifeval` stops at once with
     one message that names the extra and the pip command."""
-    from lsp_jax import evaluate
+    from lsp_jax.eval import evaluate
 
     # Its import now fails, also where an earlier test imported its submodules (an import
     # of a module already in sys.modules never looks at its parent package).

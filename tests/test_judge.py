@@ -14,6 +14,7 @@ from lsp_jax.game.templates import TemplateTexts, build_templates, score_tag_var
 from lsp_jax.model import Llama, LlamaConfig, vocab_logits
 from lsp_jax.train import config as config_lib
 from lsp_jax.train import loop
+from lsp_jax.train import run as run_lib
 from lsp_jax.weights.tokenizer import LLAMA3_SPLIT_PATTERN, HFTokenizer, SpecialIds
 
 PAIRS = [
@@ -119,7 +120,7 @@ def test_judge_samples_at_its_own_temperature():
 
     def step_config(**overrides):
         config = _tiny(**{"reward.judge_mode": "sampled", **overrides})
-        return loop.make_step_config(
+        return run_lib.make_step_config(
             config, LlamaConfig.tiny(), LlamaConfig.tiny(), None, tokenizer
         )
 

@@ -30,8 +30,9 @@ from flax.linen import meta
 
 from lsp_jax.model import Llama, LlamaConfig
 from lsp_jax.train import config as config_lib
-from lsp_jax.train import loop
-from lsp_jax.train.step import init_state, lsp_step
+from lsp_jax.train import run as run_lib
+from lsp_jax.train.state import init_state
+from lsp_jax.train.step import lsp_step
 from lsp_jax.weights import tiny
 from lsp_jax.weights.hf import save_hf
 from tests import constructed_rewards as constructed
@@ -98,7 +99,7 @@ class Game:
     play(beta, seed) -> (metrics, rollouts), each stacked over iterations."""
 
     def __init__(self, config, iterations, *, rm_weights=None, judge_weights=None):
-        self.run = loop.build_run(config)
+        self.run = run_lib.build_run(config)
         # The judge scores as the 64-wide one whatever the reference's width.
         self.judge_value = (64 / self.run.step_cfg.reference.dim) ** 0.5
         frozen = self.run.frozen

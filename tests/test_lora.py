@@ -10,6 +10,7 @@ from flax.linen import meta
 from lsp_jax.model import Llama, LlamaConfig, LoraConfig, lora
 from lsp_jax.train import loop
 from lsp_jax.train import placement as placement_lib
+from lsp_jax.train import run as run_lib
 from lsp_jax.weights import sources
 from tests.test_train import tiny_config
 
@@ -64,16 +65,16 @@ def _leaf_bytes(tree):
 
 def test_one_iteration_trains_only_the_adapters_and_keeps_one_copy_of_the_base():
     config = tiny_config(**LORA, **{"eval.num_prompts": 2, "eval.max_new_tokens": 3})
-    run = loop.build_run(config)
+    run = run_lib.build_run(config)
     assert run.frozen.ref_params is None  # The reference is the base: no second copy.
     base_before = jax.tree.map(np.array, run.frozen.base_params)
     source = sources.load_model("tiny-random")[1]
     jax.tree.map(np.testing.assert_array_equal, base_before, source)
     adapters_before = jax.tree.map(np.array, run.params)
     assert all(lora.is_adapter(p.rsplit("/", 1)[-1]) for p, _ in _named_leaves(run.params))
-    mesh = loop.make_mesh(config)
+    mesh = run_lib.make_mesh(config)
     placement = placement_lib.plan(
-        run.step_cfg, run.optimizer, run.frozen, mesh, loop.mesh_rules(config)
+        run.step_cfg, run.optimizer, run.frozen, mesh, run_lib.mesh_rules(config)
     )
     frozen = placement_lib.place_frozen(run.frozen, placement)
     state = placement_lib.place_state(run.params, run.optimizer, 0, placement)
@@ -101,7 +102,7 @@ def test_one_iteration_trains_only_the_adapters_and_keeps_one_copy_of_the_base()
 def exported(tmp_path_factory):
     """A LoRA run's export (merged folder + PEFT adapter) of adapters with random B, and
     the adapted JAX model's logits."""
-    run = loop.build_run(tiny_config(**LORA))
+    run = run_lib.build_run(tiny_config(**LORA))
     adapters = random_b(run.params)
     workdir = tmp_path_factory.mktemp("lora_export")
     folder = loop.export(str(workdir), run, adapters, 1, log=lambda *_: None)
@@ -163,12 +164,12 @@ def test_resume_with_lora_gives_bitwise_the_uninterrupted_run(tmp_path):
 
 
 def test_adapters_shard_like_their_kernels_with_the_rank_replicated():
-    from lsp_jax import sharding
+    from lsp_jax.runtime import sharding
     from lsp_jax.train import config as config_lib
 
     config = LlamaConfig.tiny().replace(lora=LoraConfig(rank=RANK))
     mesh = jax.sharding.AbstractMesh((1, 4, 2), ("data", "fsdp", "tensor"))
-    rules = loop.rules_table(config_lib.default_config().mesh.rules)
+    rules = run_lib.rules_table(config_lib.default_config().mesh.rules)
     adapters = placement_lib.trained_params(config)["layers_0"]
     spec = lambda box: tuple(sharding.spec_for(box.names, box.value.shape, mesh, rules))
     attn, mlp = adapters["attn"], adapters["mlp"]
@@ -191,7 +192,7 @@ def test_bad_lora_options_give_one_clear_error(capsys):
     assert code == 2 and "model.lora.rank=-1" in err, err
     code, err = _fail(capsys, "--config.model.lora.rank=4", "--config.model.lora.alpha=0")
     assert code == 2 and "model.lora.alpha" in err and "Traceback" not in err, err
-    targets = loop.lora_config(
+    targets = run_lib.lora_config(
         tiny_config(**{"model.lora.rank": 2, "model.lora.targets": "q_proj, v"}).model
     )
     assert targets == LoraConfig(rank=2, alpha=16.0, targets=("q", "v"))

@@ -10,7 +10,9 @@ import pytest
 
 from lsp_jax.errors import UserError
 from lsp_jax.train import config as config_lib
-from lsp_jax.train import loop
+from lsp_jax.train import loss as loss_lib
+from lsp_jax.train import run as run_lib
+from lsp_jax.train import state as state_lib
 from lsp_jax.train import step as step_lib
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
@@ -20,7 +22,7 @@ def tiny_run(**overrides):
     config = config_lib.load_config(TINY)
     base = {"game.num_queries": 4, "game.answers_per_query": 2}
     config_lib.apply_overrides(config, [f"{k}={v}" for k, v in {**base, **overrides}.items()])
-    return loop.build_run(config)
+    return run_lib.build_run(config)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def rollouts():
     """One iteration's rollouts, rewards and reference log-probs of the tiny LSP game."""
     run = tiny_run()
     cfg, frozen = run.step_cfg, run.frozen
-    state = step_lib.init_state(run.params, run.optimizer, 0)
+    state = state_lib.init_state(run.params, run.optimizer, 0)
 
     def phases(state):
         k_ch, k_sol, k_judge = step_lib.phase_keys(state)
@@ -47,8 +49,8 @@ def gradients(run, rollouts, k, **changes):
     solver_adv, challenger_adv, _ = step_lib.game_advantages(
         cfg, reward, quality, queries, solver["answers"], reference
     )
-    batch = step_lib.loss_batch(cfg, queries, solver, reference, solver_adv, challenger_adv)
-    loss, logp, grads = jax.jit(lambda p, b: step_lib.loss_and_grads(cfg, p, b))(run.params, batch)
+    batch = loss_lib.loss_batch(cfg, queries, solver, reference, solver_adv, challenger_adv)
+    loss, logp, grads = jax.jit(lambda p, b: loss_lib.loss_and_grads(cfg, p, b))(run.params, batch)
     return float(loss), jax.tree.map(np.asarray, logp), jax.tree.map(np.asarray, grads)
 
 
@@ -75,8 +77,8 @@ def test_a_chunk_is_whole_queries(rollouts):
     sol_adv, ch_adv, _ = step_lib.game_advantages(
         cfg, reward, quality, queries, solver["answers"], reference
     )
-    batch = step_lib.loss_batch(cfg, queries, solver, reference, sol_adv, ch_adv)
-    chunks = step_lib._split_queries(batch, 4)
+    batch = loss_lib.loss_batch(cfg, queries, solver, reference, sol_adv, ch_adv)
+    chunks = loss_lib._split_queries(batch, 4)
     assert chunks["solver"]["tokens"].shape[:3] == (4, 1, 2)
     assert chunks["challenger"]["tokens"].shape[:2] == (4, 1)
     np.testing.assert_array_equal(chunks["challenger"]["adv"][2, 0], np.asarray(ch_adv)[2])

@@ -15,9 +15,9 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
 from tensorboardX.proto.event_pb2 import Event
 
-from lsp_jax import paths
 from lsp_jax.errors import UserError
-from lsp_jax.metrics import MetricsWriter
+from lsp_jax.runtime import checkpoint, paths
+from lsp_jax.runtime.metrics import MetricsWriter
 from lsp_jax.weights import runs
 
 # `fsspec.registry` is also the name of a read-only mapping; the module holds the tables.
@@ -146,31 +146,31 @@ def test_local_metrics_append_across_resume(tmp_path):
 def test_local_run_info_round_trip_and_find_run(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    runs.write_run_info(str(workdir), INFO)
+    checkpoint.write_run_info(str(workdir), INFO)
     # Byte for byte what json.dump(info, f, indent=2) wrote before URIs were supported.
     assert (workdir / "run.json").read_text() == json.dumps(INFO, indent=2)
     assert sorted(os.listdir(workdir)) == ["run.json"]  # No temporary file left.
-    assert runs.read_run_info(str(workdir)) == INFO
+    assert checkpoint.read_run_info(str(workdir)) == INFO
     step = workdir / "checkpoints" / "7"
     step.mkdir(parents=True)
-    assert runs.find_run(str(workdir) + "/") == (str(workdir), None)
-    assert runs.find_run(step) == (str(workdir), 7)
-    assert runs.find_run(tmp_path) is None
+    assert checkpoint.find_run(str(workdir) + "/") == (str(workdir), None)
+    assert checkpoint.find_run(step) == (str(workdir), 7)
+    assert checkpoint.find_run(tmp_path) is None
     with pytest.raises(UserError, match="run.json is missing"):
-        runs.read_run_info(str(tmp_path))
+        checkpoint.read_run_info(str(tmp_path))
 
 
 def test_remote_run_info_and_find_run(fake_gcs):
-    runs.write_run_info(WORKDIR, INFO)
+    checkpoint.write_run_info(WORKDIR, INFO)
     assert _object(fake_gcs, f"{WORKDIR}/run.json") == json.dumps(INFO, indent=2).encode()
     assert fake_gcs.writes == ["/bucket/run/run.json"]  # One object write, no temporary.
-    assert runs.read_run_info(WORKDIR + "/") == INFO
-    assert runs.find_run(WORKDIR + "/") == (WORKDIR, None)
-    assert runs.find_run(f"{WORKDIR}/checkpoints/12") == (WORKDIR, 12)
-    assert runs.find_run("gs://bucket/other") is None
+    assert checkpoint.read_run_info(WORKDIR + "/") == INFO
+    assert checkpoint.find_run(WORKDIR + "/") == (WORKDIR, None)
+    assert checkpoint.find_run(f"{WORKDIR}/checkpoints/12") == (WORKDIR, 12)
+    assert checkpoint.find_run("gs://bucket/other") is None
     assert runs.run_model_source(f"{WORKDIR}/checkpoints/12") == "smollm2-135m-instruct"
     with pytest.raises(UserError, match="run.json is missing"):
-        runs.read_run_info("gs://bucket/other")
+        checkpoint.read_run_info("gs://bucket/other")
 
 
 def test_remote_metrics_rewritten_whole_and_kept_on_resume(fake_gcs):
@@ -255,8 +255,8 @@ def test_checkpoint_manager_keeps_the_uri(fake_gcs, monkeypatch):
 
     made = []
     monkeypatch.setattr(ocp, "CheckpointManager", lambda directory, **_: made.append(directory))
-    runs.checkpoint_manager(WORKDIR + "/")
-    runs.checkpoint_manager("runs/cpu")
+    checkpoint.checkpoint_manager(WORKDIR + "/")
+    checkpoint.checkpoint_manager("runs/cpu")
     assert made == [f"{WORKDIR}/checkpoints", os.path.abspath("runs/cpu/checkpoints")]
 
 
@@ -273,8 +273,8 @@ def test_missing_backend_package_is_a_user_error(monkeypatch, tmp_path):
     )
     for call in (
         lambda: MetricsWriter(WORKDIR),
-        lambda: runs.write_run_info(WORKDIR, INFO),
-        lambda: runs.checkpoint_manager(WORKDIR),
+        lambda: checkpoint.write_run_info(WORKDIR, INFO),
+        lambda: checkpoint.checkpoint_manager(WORKDIR),
         lambda: paths.makedirs(WORKDIR),
     ):
         with pytest.raises(UserError, match=needs_both):

@@ -6,10 +6,10 @@ import os
 
 from test_paths import WORKDIR, _object, fake_gcs  # noqa: F401
 
-from lsp_jax import paths
 from lsp_jax.commands import plot
-from lsp_jax.commands.convert import export_folder
+from lsp_jax.runtime import paths
 from lsp_jax.weights import sources
+from lsp_jax.weights.export import export_folder
 
 
 def test_plot_reads_and_writes_gs(fake_gcs):  # noqa: F811

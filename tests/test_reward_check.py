@@ -4,12 +4,13 @@ tiny models (a random reward model, and one built to prefer longer answers)."""
 import numpy as np
 import pytest
 
-from lsp_jax import cli, rewardcheck
+from lsp_jax import cli
 from lsp_jax.errors import UserError
 from lsp_jax.game import judges
 from lsp_jax.game.templates import TemplateTexts, build_templates
 from lsp_jax.train import config as config_lib
-from lsp_jax.train import loop
+from lsp_jax.train import loop, reward_check
+from lsp_jax.train import run as run_lib
 from lsp_jax.weights import sources
 from tests import constructed_rewards as constructed
 from tests.test_train import TINY
@@ -23,28 +24,28 @@ def tiny_config(**overrides):
 
 def test_auc_counts_wins_and_half_ties():
     # 9 pairs: 3 > 2, 3 > 0 (x2), 2 = 2 (tie), 2 > 0 (x2), 1 < 2, 1 > 0 (x2): 7 wins, 1 tie.
-    assert rewardcheck.auc([3, 2, 1], [2, 0, 0]) == pytest.approx(7.5 / 9)
-    assert rewardcheck.auc([1, 1], [1, 1]) == 0.5
-    assert rewardcheck.auc([0, 0], [1, 2]) == 0.0
+    assert reward_check.auc([3, 2, 1], [2, 0, 0]) == pytest.approx(7.5 / 9)
+    assert reward_check.auc([1, 1], [1, 1]) == 0.5
+    assert reward_check.auc([0, 0], [1, 2]) == 0.0
     rng = np.random.default_rng(0)
     pos, neg = rng.normal(1.0, 1.0, 64), rng.normal(0.0, 1.0, 64)  # True AUC 0.76.
-    low, high = rewardcheck.auc_interval(pos, neg)
-    assert low < rewardcheck.auc(pos, neg) < high and 0.05 < high - low < 0.3
-    assert rewardcheck.auc_interval([5.0] * 8, [1.0] * 8) == (1.0, 1.0)
+    low, high = reward_check.auc_interval(pos, neg)
+    assert low < reward_check.auc(pos, neg) < high and 0.05 < high - low < 0.3
+    assert reward_check.auc_interval([5.0] * 8, [1.0] * 8) == (1.0, 1.0)
 
 
 def test_verdicts():
-    assert rewardcheck.verdict([0.9, 0.7, 0.65, 1.0]) == "signal"
-    assert rewardcheck.verdict([0.9, 0.5, 0.5, 0.5]) == "partial"
-    assert rewardcheck.verdict([0.6, 0.5, 0.2, 0.64]) == "at chance"
+    assert reward_check.verdict([0.9, 0.7, 0.65, 1.0]) == "signal"
+    assert reward_check.verdict([0.9, 0.5, 0.5, 0.5]) == "partial"
+    assert reward_check.verdict([0.6, 0.5, 0.2, 0.64]) == "at chance"
 
 
 def test_degradations_do_what_they_say():
     tokenizer = sources.load_tokenizer("tiny-random")
     answers = [tokenizer.encode(t) for t in ("one two three", "four five six seven", "x")]
-    out = rewardcheck.degrade(answers, tokenizer, max_tokens=64, seed=1)
+    out = reward_check.degrade(answers, tokenizer, max_tokens=64, seed=1)
     assert out["other_prompt"] == answers[1:] + answers[:1]
-    assert out["cut"] == [a[: rewardcheck.CUT_TOKENS] for a in answers]
+    assert out["cut"] == [a[: reward_check.CUT_TOKENS] for a in answers]
     assert out["empty"] == [[], [], []]
     for original, shuffled in zip(answers, out["shuffled"]):
         words = tokenizer.decode(shuffled).split()
@@ -57,7 +58,7 @@ def test_named_judges_set_prompt_tag_and_score_tokens():
     judges.apply(config, "scale_0_3")
     assert judges.name_of(config) == "scale_0_3"
     chat = sources.load_chat_template("tiny-random")
-    templates = build_templates(chat, loop.template_texts(config))
+    templates = build_templates(chat, run_lib.template_texts(config))
     assert [chat.tokenizer.decode([i]) for i in templates.digit_ids] == ["0", "1", "2", "3"]
     # The tag is empty: the judge turn ends with the assistant header, as the Solver's does.
     np.testing.assert_array_equal(
@@ -66,7 +67,7 @@ def test_named_judges_set_prompt_tag_and_score_tokens():
     )
     judges.apply(config, "yes_no")  # The byte-level tiny tokenizer spells "No" in 2 tokens.
     with pytest.raises(UserError, match="splits the score 'No' into 2 tokens"):
-        build_templates(chat, loop.template_texts(config))
+        build_templates(chat, run_lib.template_texts(config))
     with pytest.raises(UserError, match="Named judges: paper, yes_no"):
         judges.get("kind")
     with pytest.raises(UserError, match="fewer than two scores"):
@@ -80,7 +81,7 @@ def test_a_reward_built_to_prefer_longer_answers_separates_cut_and_empty_ones():
     share, so cut and empty answers always score lower, and another prompt's answer,
     as long as the policy's, about as high. (Measured: empty 1.0, cut 0.74.)"""
     config = tiny_config()  # As the command test below: the same compiled programs.
-    run = loop.build_run(config)
+    run = run_lib.build_run(config)
     tokenizer = sources.load_tokenizer("tiny-random")
     unused = np.ones(run.step_cfg.policy.vocab_size, np.float32)
     unused[: tokenizer.encode("~")[0] + 1] = 0.0  # Printable ASCII.
@@ -88,16 +89,16 @@ def test_a_reward_built_to_prefer_longer_answers_separates_cut_and_empty_ones():
     unused[256:259] = 0.0  # ChatML's special tokens.
     rm = constructed.token_rate_reward_model(run.step_cfg.reward_model, unused)
     run.frozen = run.frozen.replace(rm_params=rm)
-    report = rewardcheck.check(config, run, num_prompts=16, log=lambda *_: None)
+    report = reward_check.check(config, run, num_prompts=16, log=lambda *_: None)
     ((name, metrics, results),) = report.judges
     reward = results[0]
     assert name == "custom" and reward.name == "R (reward model)"
     assert 0 < metrics["digit_mass"] < 1 and metrics["parse_rate"] is None
     # Unpaired AUCs: prompts differ in length and in their answers' share of paid tokens.
-    assert reward.auc("empty") == 1.0 and reward.auc("cut") >= rewardcheck.SIGNAL_AUC
+    assert reward.auc("empty") == 1.0 and reward.auc("cut") >= reward_check.SIGNAL_AUC
     assert 0.25 < reward.auc("other_prompt") < 0.75
     assert reward.verdict == "partial"
-    text = rewardcheck.format_report(report)
+    text = reward_check.format_report(report)
     assert "| R (reward model) | " in text and "verdict R (reward model): partial" in text
 
 

@@ -252,10 +252,10 @@ def grid(shape, parts):
 )
 def test_block_equals_slice_of_converted_tensor(path, parts):
     from lsp_jax.model import LlamaConfig
-    from lsp_jax.weights import hf, sharded
+    from lsp_jax.weights import layout, sharded
 
     config = LlamaConfig.tiny()
-    param = hf.param_sources(config, scan_layers=False)["layers_0"][path[0]][path[1]]
+    param = layout.param_sources(config, scan_layers=False)["layers_0"][path[0]][path[1]]
     rng = np.random.default_rng(0)
     tensor = rng.normal(size=param.spec.hf_shape).astype(np.float32)
     reader = DictReader({param.hf_names[0]: tensor})
@@ -354,7 +354,7 @@ def record_gguf_reads(log):
 
 def shardings_for(mesh_name):
     """A function config -> shardings from the project's logical rules on a mesh."""
-    from lsp_jax import sharding
+    from lsp_jax.runtime import sharding
     from lsp_jax.train import config as config_lib
     from lsp_jax.train import placement
 
@@ -397,13 +397,13 @@ def leaf_reads(config, shardings, read) -> dict:
     and the leaf's size."""
     import jax
 
-    from lsp_jax.weights import hf, sharded
+    from lsp_jax.weights import layout, sharded
 
     paths = lambda tree: {
         jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
     size = lambda bounds: math.prod(b - a for a, b in bounds)
-    param_sources = paths(hf.param_sources(config, scan_layers=config.scan_layers))
+    param_sources = paths(layout.param_sources(config, scan_layers=config.scan_layers))
     out = {}
     for key, sharding in paths(shardings).items():
         source = param_sources[key]

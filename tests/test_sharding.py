@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from lsp_jax import sharding
 from lsp_jax.errors import UserError
+from lsp_jax.runtime import sharding
 from tests.conftest import subprocess_xla_flags
 
 MESHES = ["8x1x1", "1x8x1", "2x2x2", "1x2x4", "2x1x4"]

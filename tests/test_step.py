@@ -11,7 +11,7 @@ import pytest
 from lsp_jax.game.splice import splice_segments
 from lsp_jax.model import Llama
 from lsp_jax.rl import token_logprobs
-from lsp_jax.train.step import completion_logprobs, forward_with_prefix, groups_logprobs
+from lsp_jax.train.forward import completion_logprobs, forward_with_prefix, groups_logprobs
 from lsp_jax.weights import load_hf
 
 PAD = 0

@@ -13,6 +13,8 @@ import numpy as np
 from lsp_jax import cli
 from lsp_jax.train import config as config_lib
 from lsp_jax.train import loop
+from lsp_jax.train import run as run_lib
+from lsp_jax.train.optim import make_optimizer
 from lsp_jax.weights import sources
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,9 +66,9 @@ def test_jaxpr_of_one_iteration_holds_both_rollouts_and_the_update():
     import functools
 
     from lsp_jax.train import placement
-    from lsp_jax.train.step import init_state
+    from lsp_jax.train.state import init_state
 
-    run = loop.build_run(tiny_config())
+    run = run_lib.build_run(tiny_config())
     state = init_state(run.params, run.optimizer, 0)
     fn = functools.partial(
         placement.run_iterations, cfg=run.step_cfg, optimizer=run.optimizer, num_iterations=1
@@ -121,13 +123,13 @@ def test_phase_split_and_periodic_eval_are_logged(tmp_path):
 
 
 def test_eval_slice_is_held_out_of_grpo_training():
-    held = loop.eval_indices(260, 16)
+    held = run_lib.eval_indices(260, 16)
     assert len(set(held)) == 16 and held[0] == 0 and held[-1] < 260
     config = tiny_config(**{"game.mode": "grpo", "eval.every": 5, "eval.num_prompts": 16})
     chat = sources.load_chat_template(config.model.source)
-    tokens, lengths = loop.grpo_prompts(config, chat, 32)
+    tokens, lengths = run_lib.grpo_prompts(config, chat, 32)
     assert len(lengths) == 260 - 16
-    eval_first = chat.tokenizer.encode(loop.eval_prompts(config)[0].text)[:32]
+    eval_first = chat.tokenizer.encode(run_lib.eval_prompts(config)[0].text)[:32]
     rows = [list(tokens[i, : lengths[i]]) for i in range(len(lengths))]
     assert eval_first not in rows
 
@@ -381,7 +383,7 @@ def test_end_of_turn_always_stops_both_roles(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     chat = sources.load_chat_template(str(folder))
     assert 258 not in chat.tokenizer.stop_ids and chat.end_of_turn_id == 258  # <|im_end|>
-    run = loop.build_run(tiny_config(**{"model.source": str(folder)}))
+    run = run_lib.build_run(tiny_config(**{"model.source": str(folder)}))
     for role in (run.step_cfg.challenger, run.step_cfg.solver):
         assert 258 in role.stop_tokens and 256 in role.stop_tokens
 
@@ -426,7 +428,7 @@ def test_bfloat16_export_and_first_moment(tmp_path):
     for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(trained), strict=True):
         expected = np.asarray(jnp.asarray(y).astype(jnp.bfloat16).astype(x.dtype))
         np.testing.assert_array_equal(np.asarray(x), expected)
-    optimizer = loop.make_optimizer(tiny_config(**overrides).optim, 1)
+    optimizer = make_optimizer(tiny_config(**overrides).optim, 1)
     (adam,) = [
         s
         for s in jax.tree.leaves(

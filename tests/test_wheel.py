@@ -44,7 +44,7 @@ def wheel(tmp_path_factory):
 def _source_files():
     package = ROOT / "lsp_jax"
     files = [p for p in package.rglob("*.py") if "__pycache__" not in p.parts]
-    files += list((package / "data").iterdir())
+    files += [p for p in (package / "data").iterdir() if p.is_file() and p.suffix != ".py"]
     return sorted(p.relative_to(ROOT).as_posix() for p in files)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import optimize, special
 
-from lsp_jax import winrate
+from lsp_jax.eval import winrate
 
 
 def _summary(prefs, categories=None, len_model=None, len_baseline=None, **kwargs):

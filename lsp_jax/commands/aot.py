@@ -61,14 +61,14 @@ def run(args) -> int:
 
 def _phase_costs(report, abstract_args, flops, topology) -> str:
     """Per-phase FLOPs, HBM and collective bytes counted from the compiled program, the
-    decode steps' all-gathers, and the roofline estimate (lsp_jax.roofline)."""
+    decode steps' all-gathers, and the roofline estimate (lsp_jax.tpu.roofline)."""
     import math
 
     import jax
 
-    from lsp_jax import aot, hlo, roofline
+    from lsp_jax.tpu import hlo, roofline, topologies
 
-    generation, _ = aot.parse_topology(topology)
+    generation, _ = topologies.parse_topology(topology)
     # The policy's parameters: the train state's, or (a stand-in program) its first input.
     params = getattr(abstract_args[0], "params", abstract_args[0])
     policy_bf16 = 2 * sum(math.prod(x.shape) for x in jax.tree.leaves(params))
@@ -91,11 +91,12 @@ def compile_and_report(config, topology: str, *, step_time_s=None, hlo_out=None)
     import flax.linen as nn
     import jax
 
-    from lsp_jax import aot, sharding
+    from lsp_jax.runtime import sharding
+    from lsp_jax.tpu import aot, topologies
 
     dcn_shape = tuple(int(s) for s in config.mesh.dcn_shape)
     num_slices = math.prod(dcn_shape)
-    devices = aot.topology_devices(topology, num_slices=num_slices)
+    devices = topologies.topology_devices(topology, num_slices=num_slices)
     mesh = sharding.make_mesh(config.mesh.shape, dcn_shape, devices=devices)
     fn, abstract_args, flops = _abstract_iteration(config, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.mesh.rules)):
@@ -109,7 +110,7 @@ def compile_and_report(config, topology: str, *, step_time_s=None, hlo_out=None)
             print(f"Compiled program written to {hlo_out}")
     if report.fits:
         return 0
-    gib = aot.GiB
+    gib = topologies.GiB
     print(
         f"lsp-jax aot: the iteration does not fit on {topology}: it needs "
         f"{report.total_bytes / gib:.2f} GiB per chip and a chip has "
@@ -122,16 +123,16 @@ def compile_and_report(config, topology: str, *, step_time_s=None, hlo_out=None)
 
 
 def _abstract_iteration(config, mesh):
-    """(jitted_fn, abstract_args, flops or None) from lsp_jax.train.loop.abstract_iteration,
+    """(jitted_fn, abstract_args, flops or None) from lsp_jax.train.run.abstract_iteration,
     which returns (jitted_fn, abstract_args) or (jitted_fn, abstract_args, flops), flops
-    being a number or a dict of parts such as lsp_jax.aot.step_flops gives."""
+    being a number or a dict of parts such as lsp_jax.tpu.flop_counts.step_flops gives."""
     from lsp_jax.errors import UserError
-    from lsp_jax.train import loop
+    from lsp_jax.train import run
 
-    build = getattr(loop, "abstract_iteration", None)
+    build = getattr(run, "abstract_iteration", None)
     if build is None:
         raise UserError(
-            "This version of lsp_jax has no lsp_jax.train.loop.abstract_iteration, so it "
+            "This version of lsp_jax has no lsp_jax.train.run.abstract_iteration, so it "
             "cannot compile the training iteration ahead of time yet."
         )
     result = tuple(build(config, mesh))

@@ -63,8 +63,8 @@ def add_arguments(parser):
 def run(args) -> int:
     import jax.numpy as jnp
 
-    from lsp_jax import evaluate, winrate
     from lsp_jax.errors import UserError
+    from lsp_jax.eval import evaluate, judges, winrate
 
     labels = tuple(label.strip() for label in args.labels.split(","))
     if len(labels) != 2:
@@ -87,7 +87,7 @@ def run(args) -> int:
         n_boot=args.n_boot,
         ifeval=args.ifeval,
         ifeval_limit=args.ifeval_limit,
-        pairwise_prompt=evaluate.PairwisePrompt(labels=labels),
+        pairwise_prompt=judges.PairwisePrompt(labels=labels),
         dtype=getattr(jnp, args.dtype),
         progress=not args.no_progress,
     )

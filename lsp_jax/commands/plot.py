@@ -13,8 +13,8 @@ import json
 import math
 import os
 
-from lsp_jax import paths
 from lsp_jax.errors import UserError
+from lsp_jax.runtime import paths
 
 METRICS_FILE = "metrics.jsonl"
 OTHER_GROUP = "other"

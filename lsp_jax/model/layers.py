@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lsp_jax import sharding
 from lsp_jax.model.config import LoraConfig
+from lsp_jax.runtime import sharding
 
 # Large negative logit for masked attention slots. Finite, so a row with every slot
 # masked (a padding query) gives a uniform softmax rather than NaN.

@@ -13,8 +13,8 @@ import socket
 import sys
 import time
 
-from lsp_jax import paths
 from lsp_jax.errors import UserError
+from lsp_jax.runtime import paths
 
 LOCK_FILE = ".lsp_jax.lock"
 

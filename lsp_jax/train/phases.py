@@ -16,6 +16,7 @@ import time
 import flax.linen as nn
 import jax
 
+from lsp_jax.train import state as state_lib
 from lsp_jax.train import step as step_lib
 
 PHASES = ("challenger", "solver", "rewards", "reference", "update")
@@ -84,7 +85,7 @@ class PhaseTimer:
 
 
 def _rollout_params(cfg, state, frozen):
-    return step_lib.rollout_params(cfg, step_lib.policy_params(frozen, state.params))
+    return step_lib.rollout_params(cfg, state_lib.policy_params(frozen, state.params))
 
 
 def summary(times: dict[str, float], fused_seconds: float) -> str:

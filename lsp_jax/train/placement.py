@@ -8,9 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lsp_jax import sharding
 from lsp_jax.model import Llama, lora
-from lsp_jax.train.step import Frozen, init_state, lsp_step
+from lsp_jax.runtime import sharding
+from lsp_jax.train.state import Frozen, init_state
+from lsp_jax.train.step import lsp_step
 
 
 @dataclasses.dataclass

@@ -9,16 +9,13 @@ Reads like the algorithm of docs/algorithm.md:
 """
 
 import contextlib
-import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
-from lsp_jax import rl, sampling, sharding
+from lsp_jax import rl, sampling
 from lsp_jax.game import rewards
 from lsp_jax.game.advantages import (
     center_rewards,
@@ -27,106 +24,12 @@ from lsp_jax.game.advantages import (
     truncated_to_group_min,
 )
 from lsp_jax.game.splice import content_lengths, splice_segments
-from lsp_jax.model import (
-    LlamaConfig,
-    SharedPrefixLlama,
-    lora,
-    param_axes,
-    unembedding,
-    vocab_logits,
-)
+from lsp_jax.model import param_axes, vocab_logits
+from lsp_jax.runtime import sharding
+from lsp_jax.train.forward import forward_with_prefix, groups_logprobs
+from lsp_jax.train.loss import loss_and_grads, loss_batch, role_metrics
 from lsp_jax.train.optim import skip_metrics
-
-
-@struct.dataclass
-class TrainState:
-    """Everything a resumed run needs: iteration count, trained weights (the whole model,
-    or with LoRA only the adapters), optimizer, randomness."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array
-
-
-@struct.dataclass
-class Frozen:
-    """Inputs of the step that never change: reference and reward-model weights, the
-    token templates, (GRPO) the prompt set and (LoRA) the policy's base weights. Never
-    differentiated, never updated.
-
-    With LoRA and the starting point as reference, `ref_params` is None: the reference
-    is `base_params` itself, read without the adapters (one copy of the base in memory).
-    """
-
-    ref_params: Any
-    rm_params: Any
-    templates: Any  # lsp_jax.game.templates.GameTemplates (arrays)
-    prompts: Any  # (tokens_PQ, lengths_P) for GRPO, else None
-    base_params: Any = None  # LoRA: the frozen weights the adapters are added to.
-
-
-def policy_params(frozen: Frozen, trained):
-    """The policy's full parameters: the trained ones, or (LoRA) the frozen base with
-    the trained adapters."""
-    return trained if frozen.base_params is None else lora.combine(frozen.base_params, trained)
-
-
-def reference_params(frozen: Frozen):
-    """The reference (and judge) model's parameters: the base itself under LoRA when no
-    separate reference was loaded."""
-    return frozen.base_params if frozen.ref_params is None else frozen.ref_params
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """Static options of the step (hashable: the step compiles once per value)."""
-
-    policy: LlamaConfig
-    reference: LlamaConfig
-    reward_model: LlamaConfig | None
-    mode: str  # lsp | lsp_zero | grpo
-    reward_kind: str  # model | self_judge | none
-    judge_mode: str  # expected | sampled
-    num_queries: int
-    answers_per_query: int
-    challenger: sampling.SamplerConfig
-    solver: sampling.SamplerConfig
-    judge: sampling.SamplerConfig | None
-    judge_fallback: float
-    truncated_reward: str  # score | group_min
-    alpha_challenger: float
-    normalize_std: bool
-    beta: float
-    kl_estimator: str
-    aggregation: str
-    logprob_chunk: int
-    pad_id: int
-    # Logical-axis rules of the rollouts (mesh.rollout_rules); () keeps the training
-    # layout. See `rollout_params`.
-    rollout_rules: tuple = ()
-    # The loss and gradient run over this many chunks of the queries (and their
-    # answers), accumulated in a lax.scan: peak activation memory / k, same gradient.
-    update_microbatches: int = 1
-
-    @property
-    def uses_judge(self) -> bool:
-        return self.mode == "lsp" or self.reward_kind == "self_judge"
-
-    @property
-    def judge_decodes(self) -> bool:
-        """The reference generates judgements (sampled mode): it decodes, so it is
-        stored in the rollout layout."""
-        return self.uses_judge and self.judge_mode == "sampled"
-
-
-def init_state(params, optimizer, seed: int) -> TrainState:
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        rng=jax.random.key_data(jax.random.key(seed)),
-    )
+from lsp_jax.train.state import Frozen, StepConfig, TrainState, policy_params, reference_params
 
 
 def lsp_step(state: TrainState, frozen: Frozen, *, cfg: StepConfig, optimizer):
@@ -134,7 +37,7 @@ def lsp_step(state: TrainState, frozen: Frozen, *, cfg: StepConfig, optimizer):
 
     The phases below are separate functions so that `lsp_jax.train.phases` can also run
     them as separate programs and time them; here they trace into one program. Their
-    name scopes mark each phase's operations in the compiled program (`lsp_jax.hlo`).
+    name scopes mark each phase's operations in the compiled program (`lsp_jax.tpu.hlo`).
     """
     k_challenger, k_solver, k_judge = phase_keys(state)
     with jax.named_scope("rollout_params"):
@@ -277,148 +180,6 @@ def update(
         "quality": quality_NG,
     }
     return new_state, metrics, rollout
-
-
-def loss_batch(cfg: StepConfig, queries, solver, reference, solver_adv_NG, challenger_adv_N):
-    """What the loss reads, with the query as the leading axis of every per-row array
-    (so that micro-batches are whole queries with their G answers).
-
-    Returns {'solver': {...}, 'challenger': {...} (not GRPO)}; each role holds prompt,
-    prompt_mask (the Challenger's single prompt is shared, not split), tokens, mask,
-    ref_logp and adv, plus 'normalizer': the whole batch's loss denominator.
-    """
-    n, g = cfg.num_queries, cfg.answers_per_query
-    answers = solver["answers"]
-    per_query = lambda x: x.reshape(n, g, *x.shape[1:])
-    sol = {
-        "prompt": solver["prompt"],
-        "prompt_mask": solver["prompt_mask"],
-        "tokens": per_query(answers.tokens_BT),
-        "mask": per_query(answers.mask_BT),
-        "ref_logp": per_query(reference["solver"]),
-        "adv": solver_adv_NG,
-    }
-    batch = {"solver": sol}
-    if queries.get("rows") is not None:
-        prompt_1P, prompt_mask_1P, tokens_NQ, mask_NQ = queries["rows"]
-        batch["challenger"] = {
-            "prompt": prompt_1P,
-            "prompt_mask": prompt_mask_1P,
-            "tokens": tokens_NQ,
-            "mask": mask_NQ,
-            "ref_logp": reference["challenger"],
-            "adv": challenger_adv_N,
-        }
-    for role in batch.values():
-        role["normalizer"] = _normalizer(cfg, role["mask"])
-    return batch
-
-
-def _normalizer(cfg: StepConfig, mask):
-    """The denominator of a role's loss over the whole batch (policy_loss's default for
-    the batch), fixed before micro-batching so chunks add up to the full loss."""
-    if cfg.aggregation == "sequence_sum":
-        return jnp.float32(mask.reshape(-1, mask.shape[-1]).shape[0])
-    return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
-
-
-def _role_rows_of(role):
-    """(prompt, prompt mask, tokens [rows, T], mask) of one role of a batch or chunk."""
-    tokens = role["tokens"].reshape(-1, role["tokens"].shape[-1])
-    return role["prompt"], role["prompt_mask"], tokens, role["mask"].reshape(tokens.shape)
-
-
-def _role_loss(cfg: StepConfig, role, logp):
-    """One role's loss contribution, given its log-probs [rows, T]."""
-    _, _, tokens, mask = _role_rows_of(role)
-    loss, _ = rl.policy_loss(
-        logp,
-        role["ref_logp"].reshape(tokens.shape),
-        role["adv"].reshape(-1),
-        mask,
-        beta=cfg.beta,
-        kl_estimator=cfg.kl_estimator,
-        aggregation=cfg.aggregation,
-        normalizer=role["normalizer"],
-    )
-    return loss
-
-
-def _chunk_loss(cfg: StepConfig, params, chunk):
-    """L_Sol + α_Ch·L_Ch of one chunk of queries (each term already divided by the
-    whole batch's normalizer); aux: the chunk's log-probs per role."""
-    names = [name for name in ("solver", "challenger") if name in chunk]
-    # Both roles in one pass through the layers: one gradient buffer, not one per pass.
-    rows = [_role_rows_of(chunk[name]) for name in names]
-    logp = dict(zip(names, groups_logprobs(cfg.policy, params, rows, cfg)))
-    loss = _role_loss(cfg, chunk["solver"], logp["solver"])
-    if "challenger" in chunk:
-        loss_ch = _role_loss(cfg, chunk["challenger"], logp["challenger"])
-        loss = rl.lsp_loss(loss, loss_ch, alpha_challenger=cfg.alpha_challenger)
-    return loss, logp
-
-
-def loss_and_grads(cfg: StepConfig, params, batch, *, base=None):
-    """(loss, log-probs per role, gradient) of the whole batch, computed over
-    `cfg.update_microbatches` chunks of queries accumulated in a lax.scan: activations
-    of one chunk at a time, the same gradient up to summation order. With a LoRA `base`,
-    `params` are the adapters and the gradient is theirs alone."""
-    full = (lambda p: p) if base is None else (lambda p: lora.combine(base, p))
-    grad_fn = jax.value_and_grad(lambda p, c: _chunk_loss(cfg, full(p), c), has_aux=True)
-    k = cfg.update_microbatches
-    if k == 1:
-        (loss, logp), grads = grad_fn(params, batch)
-        return loss, logp, grads
-    chunks = _split_queries(batch, k)
-    shared = _shared_parts(batch)
-
-    def body(carry, chunk):
-        loss_sum, grad_sum = carry
-        (loss, logp), grads = grad_fn(params, _merge(chunk, shared))
-        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        return (loss_sum + loss, grad_sum), logp
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, grads), logp = jax.lax.scan(body, (jnp.float32(0.0), zeros), chunks)
-    logp = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), logp)
-    return loss, logp, grads
-
-
-# Per-role entries that are the same for every chunk (not split by query).
-_SHARED = {"solver": ("normalizer",), "challenger": ("prompt", "prompt_mask", "normalizer")}
-
-
-def _split_queries(batch, k: int):
-    """Every per-query array [N, ...] -> [k, N/k, ...] (the scan's chunks)."""
-    split = lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:])
-    return {
-        role: {name: split(x) for name, x in arrays.items() if name not in _SHARED[role]}
-        for role, arrays in batch.items()
-    }
-
-
-def _shared_parts(batch):
-    return {role: {name: batch[role][name] for name in _SHARED[role]} for role in batch}
-
-
-def _merge(chunk, shared):
-    return {role: {**chunk[role], **shared[role]} for role in chunk}
-
-
-def role_metrics(cfg: StepConfig, role, logp):
-    """policy_loss's diagnostics of one role over the whole batch (no gradient)."""
-    tokens = role["tokens"].reshape(-1, role["tokens"].shape[-1])
-    _, metrics = rl.policy_loss(
-        jax.lax.stop_gradient(logp),
-        role["ref_logp"].reshape(tokens.shape),
-        role["adv"].reshape(-1),
-        role["mask"].reshape(tokens.shape),
-        beta=cfg.beta,
-        kl_estimator=cfg.kl_estimator,
-        aggregation=cfg.aggregation,
-        normalizer=role["normalizer"],
-    )
-    return metrics
 
 
 def game_advantages(cfg: StepConfig, reward_NG, quality_NG, queries, answers, reference):
@@ -579,70 +340,6 @@ def judge_scores(cfg: StepConfig, ref_params, tokens_BT, mask_BT, templates, rng
     )
     failures = 1.0 - jnp.mean(parsed_B.astype(jnp.float32))
     return score_B, {"judge/parse_failure_rate": failures}
-
-
-def forward_with_prefix(model_cfg, params, prefix_PT, prefix_mask_PT, tokens_BA, mask_BA):
-    """Runs P prefixes once, then B = P·k continuations (row b continues prefix b // k)
-    attending to them, as the sampler does; gradients flow through both parts.
-
-    Returns:
-      (hidden_BAD of the continuation tokens, last_BD: each row's final hidden state,
-      prefix_last_BD: the prefix's final hidden state, which predicts token 0).
-    """
-    group = (prefix_PT, prefix_mask_PT, tokens_BA, mask_BA)
-    return forward_groups(model_cfg, params, [group])[0]
-
-
-def forward_groups(model_cfg, params, groups):
-    """`forward_with_prefix` of several groups [(prefix_PT, prefix_mask_PT, tokens_BA,
-    mask_BA), ...] in one pass through the layers (SharedPrefixLlama), so that their
-    gradient is built once. Returns one forward_with_prefix triple per group."""
-    hidden = SharedPrefixLlama(model_cfg).apply({"params": params}, tuple(groups))
-    out = []
-    for (prefix_PT, *_), (prefix_PTD, hidden_BAD) in zip(groups, hidden):
-        group = hidden_BAD.shape[0] // prefix_PT.shape[0]
-        prefix_last_BD = jnp.repeat(prefix_PTD[:, -1], group, axis=0)
-        out.append((hidden_BAD, hidden_BAD[:, -1], prefix_last_BD))
-    return out
-
-
-def completion_logprobs(model_cfg, params, prompt_PT, prompt_mask_PT, tokens_BA, mask_BA, cfg):
-    """log π(completion token | prompt, earlier tokens) at the sampling temperature, [B, A].
-
-    Each of the P prompts is shared by B / P completion rows and computed once. The same
-    temperature as the sampler, so these equal the sampler's log-probs when params are
-    the sampling params (the metric `logprob/max_sampler_gap` checks it).
-    """
-    rows = (prompt_PT, prompt_mask_PT, tokens_BA, mask_BA)
-    return groups_logprobs(model_cfg, params, [rows], cfg)[0]
-
-
-def groups_logprobs(model_cfg, params, groups, cfg):
-    """`completion_logprobs` of several groups of rows (e.g. the Solver's and the
-    Challenger's) from one pass through the layers; a list of [B, A] arrays."""
-    out = []
-    for (_, _, tokens_BA, _), (hidden_BAD, _, prefix_last_BD) in zip(
-        groups, forward_groups(model_cfg, params, groups)
-    ):
-        # Token 0 is predicted by the prompt's last position, token t by completion t - 1.
-        hidden_BAD = jnp.concatenate([prefix_last_BD[:, None], hidden_BAD[:, :-1]], axis=1)
-        out.append(_token_logprobs(model_cfg, params, hidden_BAD, tokens_BA, cfg))
-    return out
-
-
-def _token_logprobs(model_cfg, params, hidden_BAD, tokens_BA, cfg):
-    if cfg.logprob_chunk:
-        matrix, layout = unembedding(model_cfg, params)
-        return rl.chunked_token_logprobs(
-            hidden_BAD,
-            matrix.astype(model_cfg.dtype),
-            tokens_BA,
-            layout=layout,
-            chunk=cfg.logprob_chunk,
-            temperature=cfg.solver.temperature,
-        )
-    logits_BAV = vocab_logits(model_cfg, params, hidden_BAD)
-    return rl.token_logprobs(logits_BAV, tokens_BA, temperature=cfg.solver.temperature)
 
 
 def step_metrics(

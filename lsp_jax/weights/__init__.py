@@ -1,10 +1,9 @@
 """Checkpoint formats in and out: Hugging Face safetensors folders (and GGUF files)."""
 
-from lsp_jax.weights.hf import (
+from lsp_jax.weights.hf import load_hf, save_hf
+from lsp_jax.weights.layout import (
     hf_state_from_params,
-    load_hf,
     params_from_hf_state,
-    save_hf,
     stack_layers,
     unstack_layers,
 )

@@ -503,7 +503,7 @@ def load_gguf(path, *, dtype=None, param_dtype=None, scan_layers=False, sharding
     params are global jax.Arrays and this host dequantizes only the rows and blocks its
     devices hold (lsp_jax/weights/sharded.py).
     """
-    from lsp_jax.weights.hf import params_from_hf_state
+    from lsp_jax.weights.layout import params_from_hf_state
 
     file = read_gguf(path)
     config = _config(file, dtype, param_dtype, scan_layers)

@@ -9,7 +9,7 @@ from safetensors.numpy import save_file
 
 from lsp_jax.model import LlamaConfig
 from lsp_jax.model.lora import A_SUFFIX, B_SUFFIX
-from lsp_jax.weights.hf import unstack_layers
+from lsp_jax.weights.layout import unstack_layers
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -2,61 +2,22 @@
 gives the policy weights of that checkpoint, and the tokenizer of the model it
 started from."""
 
-import json
-
-from lsp_jax import paths
 from lsp_jax.errors import UserError
-
-CHECKPOINT_DIR = "checkpoints"
-RUN_FILE = "run.json"  # Written by the trainer: the model source and its architecture.
-
-
-def write_run_info(workdir, info: dict) -> None:
-    """Writes WORKDIR/run.json atomically (a renamed temporary file locally, one object
-    write on a store such as gs://)."""
-    paths.write_text(paths.join(workdir, RUN_FILE), json.dumps(info, indent=2))
+from lsp_jax.runtime.checkpoint import (
+    CHECKPOINT_DIR,
+    RUN_FILE,
+    checkpoint_manager,
+    find_run,
+    read_run_info,
+)
 
 
-def read_run_info(workdir) -> dict:
-    path = paths.join(workdir, RUN_FILE)
-    if not paths.isfile(path):
-        raise UserError(f"{workdir} is not an lsp_jax run folder: {RUN_FILE} is missing.")
-    return json.loads(paths.read_text(path))
-
-
-def find_run(path) -> tuple[str, int | None] | None:
-    """(workdir, step) if `path` is a run workdir or one of its step folders, else None.
-    Local paths come back absolute; URIs (gs://...) without trailing slashes."""
-    path = paths.normalize(path)
-    if paths.isfile(paths.join(path, RUN_FILE)):
-        return path, None
-    parent = paths.dirname(path)
-    if paths.basename(parent) == CHECKPOINT_DIR and paths.basename(path).isdigit():
-        workdir = paths.dirname(parent)
-        if paths.isfile(paths.join(workdir, RUN_FILE)):
-            return workdir, int(paths.basename(path))
-    return None
-
-
-def checkpoint_manager(workdir, *, keep: int | None = None, background: bool = False):
-    """Orbax manager over WORKDIR/checkpoints. Orbax writes each step to a temporary
-    folder and renames it when complete, so a killed save never looks like a checkpoint
-    (on GCS it marks complete steps with a commit file instead). background: `save`
-    returns once the state is copied off the devices and the files are written by a
-    thread (lsp_jax.checkpoint.finish waits for it)."""
-    import orbax.checkpoint as ocp
-
-    paths.check_backend(workdir)
-    directory = paths.normalize(paths.join(workdir, CHECKPOINT_DIR))
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=background
-    )
-    return ocp.CheckpointManager(directory, options=options)
-
-
-def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
+def load_run(path, *, load_base, dtype=None, param_dtype=None, scan_layers=False):
     """(LlamaConfig, params) of a run's checkpoint (the latest, or the step folder given).
-    A LoRA run's adapters come back merged into its source's weights."""
+    A LoRA run's adapters come back merged into its source's weights, which
+    `load_base(source, scan_layers=...) -> (config, params)` reads: sources.load_model,
+    passed in because sources, which dispatches over every kind of source, sits above
+    this module."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -64,7 +25,7 @@ def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
     from flax.linen import meta
 
     from lsp_jax.model import Llama, LlamaConfig, LoraConfig, lora
-    from lsp_jax.weights.hf import stack_layers, unstack_layers
+    from lsp_jax.weights.layout import stack_layers, unstack_layers
 
     found = find_run(path)
     if found is None:
@@ -100,9 +61,7 @@ def load_run(path, *, dtype=None, param_dtype=None, scan_layers=False):
     )
     params = restored["params"]
     if saved.lora.rank:
-        from lsp_jax.weights import sources
-
-        base = sources.load_model(info["model_source"], scan_layers=saved.scan_layers)[1]
+        base = load_base(info["model_source"], scan_layers=saved.scan_layers)[1]
         saved, params = lora.merge(saved, lora.combine(base, params))
     if scan_layers and not saved.scan_layers:
         params = stack_layers(params)

@@ -3,7 +3,7 @@
 `jax.make_array_from_callback` asks, for every addressable device, for the block of a
 parameter that device holds (a tuple of slices in our layout). `read_block` maps that
 block back to the Hugging Face tensor it comes from (undoing the transpose and the head
-split of `hf._Tensor.from_hf`, and the layer stacking of the scanned layout), reads just
+split of `layout.HfTensor.from_hf` and the layer stacking of the scanned layout), reads just
 that slice through a `SliceReader` (safetensors `get_slice`, or rows and quant blocks of
 a GGUF tensor), converts it and casts it to the parameter dtype. A host therefore holds
 at most the blocks of one parameter that its own devices need, never a whole checkpoint.
@@ -17,7 +17,7 @@ import numpy as np
 
 from lsp_jax.errors import UserError
 from lsp_jax.model.config import LlamaConfig
-from lsp_jax.weights import hf
+from lsp_jax.weights import layout
 
 Bounds = tuple[tuple[int, int], ...]  # (start, stop) per axis.
 
@@ -74,7 +74,7 @@ def flat_positions(dims, bounds: Bounds) -> np.ndarray:
 
 
 def read_block(spec, reader: SliceReader, name: str, bounds: Bounds) -> np.ndarray:
-    """The block `bounds` of one parameter (our layout, `spec.shape`, an hf._Tensor)
+    """The block `bounds` of one parameter (our layout, `spec.shape`, an layout.HfTensor)
     read from the Hugging Face tensor `name`, touching only the slice of it the block
     covers (its span, if a split axis such as head_dim is cut inside a merged axis)."""
     block_shape = tuple(stop - start for start, stop in bounds)
@@ -99,7 +99,7 @@ def read_block(spec, reader: SliceReader, name: str, bounds: Bounds) -> np.ndarr
     return block.reshape(block_shape)
 
 
-def read_leaf(source: hf.ParamSource, reader: SliceReader, bounds: Bounds, dtype) -> np.ndarray:
+def read_leaf(source: layout.ParamSource, reader: SliceReader, bounds: Bounds, dtype) -> np.ndarray:
     """The block `bounds` of one parameter leaf, as a contiguous `dtype` array; a
     stacked (scanned) leaf reads the layers in its L range one at a time."""
     if not source.stacked:
@@ -173,15 +173,15 @@ def params_from_slices(
       UserError: a tensor is missing, unexpected or of the wrong shape; the shardings
         do not match the parameters.
     """
-    hf.check_names(config, reader, source)
-    plan = hf.param_sources(config, scan_layers=config.scan_layers)
+    layout.check_names(config, reader, source)
+    plan = layout.param_sources(config, scan_layers=config.scan_layers)
     shardings = resolve_shardings(shardings, config)
     check_shardings(plan, shardings)
     dtype = np.dtype(config.param_dtype)
 
-    def leaf(param: hf.ParamSource, sharding) -> jax.Array:
+    def leaf(param: layout.ParamSource, sharding) -> jax.Array:
         for name in param.hf_names:
-            hf.check_tensor_shape(name, reader.shape(name), param.spec, source)
+            layout.check_tensor_shape(name, reader.shape(name), param.spec, source)
         read = lambda bounds: read_leaf(param, reader, bounds, dtype)
         return make_array(param.shape, sharding, read, dtype)
 

@@ -159,7 +159,7 @@ def load_model(source, *, dtype=None, param_dtype=None, scan_layers=False, shard
         return load_gguf(source.path, **options, shardings=shardings)
     from lsp_jax.weights.runs import load_run
 
-    config, params = load_run(source.path, **options)
+    config, params = load_run(source.path, load_base=load_model, **options)
     if shardings is not None:
         from lsp_jax.weights.sharded import place_host_params
 
@@ -190,7 +190,7 @@ def _run_config(path, *, dtype, param_dtype, scan_layers):
 
     found = runs.find_run(path)
     if found is None:  # load_run raises the error that explains what to pass.
-        return runs.load_run(path, dtype=dtype, param_dtype=param_dtype)[0]
+        return runs.load_run(path, load_base=load_model, dtype=dtype, param_dtype=param_dtype)[0]
     info = runs.read_run_info(found[0])
     config = LlamaConfig.from_hf_config(info["model_config"], scan_layers=scan_layers)
     overrides = {"dtype": dtype, "param_dtype": param_dtype}

@@ -1,21 +1,57 @@
-"""Orbax checkpoints of a run's full train state (resume after preemption)."""
+"""A run's workdir on disk: its run.json, and orbax checkpoints of its full train state
+(resume after preemption). lsp_jax.weights.runs reads a run's policy weights from them."""
+
+import json
 
 import orbax.checkpoint as ocp
 
-from lsp_jax import paths
 from lsp_jax.errors import UserError
-from lsp_jax.weights.runs import checkpoint_manager, find_run, read_run_info, write_run_info
+from lsp_jax.runtime import paths
 
-__all__ = [
-    "checkpoint_manager",
-    "find_run",
-    "read_run_info",
-    "restore",
-    "restore_newest_intact",
-    "finish",
-    "save",
-    "write_run_info",
-]
+CHECKPOINT_DIR = "checkpoints"
+RUN_FILE = "run.json"  # Written by the trainer: the model source and its architecture.
+
+
+def write_run_info(workdir, info: dict) -> None:
+    """Writes WORKDIR/run.json atomically (a renamed temporary file locally, one object
+    write on a store such as gs://)."""
+    paths.write_text(paths.join(workdir, RUN_FILE), json.dumps(info, indent=2))
+
+
+def read_run_info(workdir) -> dict:
+    path = paths.join(workdir, RUN_FILE)
+    if not paths.isfile(path):
+        raise UserError(f"{workdir} is not an lsp_jax run folder: {RUN_FILE} is missing.")
+    return json.loads(paths.read_text(path))
+
+
+def find_run(path) -> tuple[str, int | None] | None:
+    """(workdir, step) if `path` is a run workdir or one of its step folders, else None.
+    Local paths come back absolute; URIs (gs://...) without trailing slashes."""
+    path = paths.normalize(path)
+    if paths.isfile(paths.join(path, RUN_FILE)):
+        return path, None
+    parent = paths.dirname(path)
+    if paths.basename(parent) == CHECKPOINT_DIR and paths.basename(path).isdigit():
+        workdir = paths.dirname(parent)
+        if paths.isfile(paths.join(workdir, RUN_FILE)):
+            return workdir, int(paths.basename(path))
+    return None
+
+
+def checkpoint_manager(workdir, *, keep: int | None = None, background: bool = False):
+    """Orbax manager over WORKDIR/checkpoints. Orbax writes each step to a temporary
+    folder and renames it when complete, so a killed save never looks like a checkpoint
+    (on GCS it marks complete steps with a commit file instead). background: `save`
+    returns once the state is copied off the devices and the files are written by a
+    thread (`finish` waits for it)."""
+    paths.check_backend(workdir)
+    directory = paths.normalize(paths.join(workdir, CHECKPOINT_DIR))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=background
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
 
 DAMAGED_SUFFIX = ".damaged"  # Orbax lists only folders named by a step number.
 

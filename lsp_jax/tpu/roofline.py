@@ -1,17 +1,17 @@
 """Roofline estimates of a compiled self-play iteration: each phase's time on a TPU
-generation from its per-chip FLOPs, HBM bytes and collective bytes (lsp_jax.hlo).
+generation from its per-chip FLOPs, HBM bytes and collective bytes (lsp_jax.tpu.hlo).
 
 An estimate, not a measurement: a phase takes at least the longest of
   compute    FLOPs / peak bf16 FLOP/s
   memory     HBM bytes / HBM bandwidth
   network    collective bytes / ICI bandwidth (one direction per chip)
 assuming the three overlap perfectly; real programs also pay latency per step, which
-decode loops of thousands of small steps feel most. Chip figures: lsp_jax.aot.TOPOLOGIES.
+decode loops of thousands of small steps feel most. Chip figures: lsp_jax.tpu.topologies.TOPOLOGIES.
 """
 
 import dataclasses
 
-from lsp_jax import hlo
+from lsp_jax.tpu import hlo
 
 MiB, GiB = 2**20, 2**30
 

@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from lsp_jax import paths
 from lsp_jax.errors import UserError
+from lsp_jax.runtime import paths
 
 WANDB_ID_FILE = "wandb_run_id"  # In WORKDIR: a resumed run logs to the same W&B run.
 
@@ -52,7 +52,7 @@ class MetricsWriter:
     """Appends one JSON line per step to WORKDIR/metrics.jsonl and WORKDIR/samples.jsonl,
     and writes TensorBoard events (tensorboardX, no TensorFlow) to WORKDIR/tensorboard.
 
-    WORKDIR may be a URI (gs://bucket/run, see lsp_jax.paths). Object stores cannot
+    WORKDIR may be a URI (gs://bucket/run, see lsp_jax.runtime.paths). Object stores cannot
     append, so there each JSONL file is kept in memory (with the lines already there when
     a run resumes) and rewritten whole at every write, and the events are written to a
     local temporary file copied up after every flush. A rewrite costs the size of the

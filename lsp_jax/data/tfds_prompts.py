@@ -3,7 +3,7 @@
 Build it once (offline, no TensorFlow), then read it with `load_prompts('tfds:lsp_prompts',
 data_dir=DIR)`:
 
-    python -m lsp_jax.tfds_prompts --data_dir DIR
+    python -m lsp_jax.data.tfds_prompts --data_dir DIR
 
 Importing this module registers the builder `lsp_prompts` with TFDS.
 """

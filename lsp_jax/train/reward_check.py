@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsp_jax.errors import UserError
+from lsp_jax.train import forward as forward_lib
+from lsp_jax.train import state as state_lib
 
 DEGRADATIONS = {
     "other_prompt": "the answer to another prompt",
@@ -207,7 +209,6 @@ def _digit_mass(cfg, frozen, queries, answers):
     score (the judge's input as score_answers builds it)."""
     from lsp_jax.game.splice import splice_segments
     from lsp_jax.model import vocab_logits
-    from lsp_jax.train import step
 
     t = frozen.templates
     pair = [
@@ -218,8 +219,8 @@ def _digit_mass(cfg, frozen, queries, answers):
     ]
     tokens, mask = splice_segments(pair, pad_id=cfg.pad_id)
     prefix_1P = t.judge_prefix[0]
-    ref_params = step.reference_params(frozen)
-    last_BD = step.forward_with_prefix(
+    ref_params = state_lib.reference_params(frozen)
+    last_BD = forward_lib.forward_with_prefix(
         cfg.reference, ref_params, prefix_1P, jnp.ones(prefix_1P.shape, bool), tokens, mask
     )[1]
     # float32: a small model's score tokens may hold tiny probabilities.
@@ -248,7 +249,7 @@ def check_prompts(config, count: int) -> list[str]:
     """`count` prompts spread over the config's prompt set (data.prompts), each category
     represented, rounded down to whole batches."""
     from lsp_jax import data
-    from lsp_jax.train.loop import eval_indices
+    from lsp_jax.train.run import eval_indices
 
     prompts = data.load_prompts(config.data.prompts, data_dir=config.data.tfds_data_dir or None)
     count = min(count, len(prompts))
@@ -268,14 +269,13 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
 
     Args:
       config: a training config (locked ml_collections ConfigDict).
-      run: an already built lsp_jax.train.loop.Run (`train` passes its own), else built.
+      run: an already built lsp_jax.train.run.Run (`train` passes its own), else built.
       num_prompts: prompts to score (default reward.check_prompts).
       judge_names: named judges to compare (default: the config's judge as it is).
       log: where progress lines go.
     """
     from lsp_jax.game import judges
-    from lsp_jax.train import loop
-    from lsp_jax.train import step as step_lib
+    from lsp_jax.train import run as run_lib
 
     uses_judge = config.game.mode == "lsp" or config.reward.kind == "self_judge"
     if config.reward.kind == "none" and not uses_judge:
@@ -292,14 +292,14 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
         )
     for name in judge_names or ():
         judges.get(name)  # Unknown names fail before any model is loaded.
-    run = run or loop.build_run(config)
+    run = run or run_lib.build_run(config)
     tokenizer = run.tokenizer
     max_query = run.step_cfg.challenger.max_new_tokens
     texts = check_prompts(config, num_prompts or config.reward.check_prompts)
     queries = [tokenizer.encode(text)[:max_query] for text in texts]
     solver = run.step_cfg.solver
     log(f"reward-check: the policy answers {len(queries)} prompts ...")
-    policy = step_lib.policy_params(run.frozen, run.params)
+    policy = state_lib.policy_params(run.frozen, run.params)
     answers = policy_answers(run, policy, queries, seed=config.train.seed)
     kinds = {"policy": answers}
     kinds.update(degrade(answers, tokenizer, max_tokens=solver.max_new_tokens))
@@ -335,7 +335,7 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
 def _with_templates(run, config):
     """The run's frozen inputs with the token templates of `config`'s judge."""
     from lsp_jax.game.templates import build_templates
-    from lsp_jax.train.loop import template_texts
+    from lsp_jax.train.run import template_texts
     from lsp_jax.weights import sources
 
     rm_chat = None

@@ -10,7 +10,7 @@ One entry point, `load_prompts(source)`, where `source` is
   and (optional) `dataset` (extra fields such as `output` or `generator` are ignored), so the
   real 805-prompt AlpacaEval file can be dropped in;
 - `'tfds:NAME'`: a TFDS dataset prepared in the array_record format, read through
-  `tfds.data_source` (no TensorFlow needed). `lsp_jax.tfds_prompts` builds the shipped set as
+  `tfds.data_source` (no TensorFlow needed). `lsp_jax.data.tfds_prompts` builds the shipped set as
   the TFDS dataset `lsp_prompts`.
 
 The shipped categories mirror AlpacaEval's five subsets (the names are kept so per-category
@@ -32,7 +32,7 @@ import os
 from lsp_jax.errors import UserError
 
 SHIPPED = "shipped"
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))  # The shipped files sit beside this module.
 SHIPPED_PROMPTS = os.path.join(DATA_DIR, "prompts.jsonl")
 DEFAULT_CATEGORY = "all"
 TFDS_PREFIX = "tfds:"
@@ -186,7 +186,7 @@ def read_tfds_prompts(name, *, data_dir=None, split="test"):
             f"Could not open the TFDS dataset {name!r} (split {split!r}) in data_dir "
             f"{data_dir or 'TFDS default'}: {type(e).__name__}: {str(e).splitlines()[0]}. "
             "Prepare it in the array_record format first (for the shipped set: "
-            "`python -m lsp_jax.tfds_prompts --data_dir DIR`)."
+            "`python -m lsp_jax.data.tfds_prompts --data_dir DIR`)."
         ) from None
     records = [source[i] for i in range(len(source))]
     if records and "index" in records[0]:
