@@ -30,7 +30,7 @@ if len(sys.argv) > 2:
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
 
 
-_COMPILED = {}  # mesh shape -> compiled iteration (a resumed run reuses it).
+_COMPILED = {}  # (run, mesh shape) -> compiled iteration (a resumed run reuses it).
 
 
 def one_iteration(run, mesh, state_from=None):
@@ -40,7 +40,7 @@ def one_iteration(run, mesh, state_from=None):
     state = placement.place_state(run.params, run.optimizer, 0, plan)
     if state_from is not None:
         state = checkpoint.restore(checkpoint.checkpoint_manager(state_from), state)
-    key = tuple(mesh.devices.shape)
+    key = (id(run), tuple(mesh.devices.shape))
     if key not in _COMPILED:
         _COMPILED[key] = placement.compile_iterations(
             run.step_cfg, run.optimizer, plan, state, frozen, 1
@@ -167,10 +167,8 @@ def main(workdir):
     )
     micro_run = run_lib.build_run(micro)
     micro_run.config = micro
-    _COMPILED.clear()
     state, metrics, _ = one_iteration(micro_run, sharding.make_mesh((2, 2, 2)))
     results["micro2_2x2x2"] = summary(state, metrics, results["1x1x1"])
-    _COMPILED.clear()
     for name, mesh_shape in [("resumed_111", (1, 1, 1)), ("resumed_222", (2, 2, 2))]:
         devices = jax.devices() if name == "resumed_222" else jax.devices()[:1]
         mesh = sharding.make_mesh(mesh_shape, devices=devices)

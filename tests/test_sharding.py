@@ -43,28 +43,16 @@ def assert_same(a, b, atol=1e-5):
     assert b["max_param_change"] > 10 * atol
 
 
-# Known defect, open (issue 11): on the (2, 2, 2) mesh, and only there, the FUSED iteration
-# on CPU differs slightly from one device (the Challenger's KL at step 1 is 2.7e-4 where
-# policy == reference gives 0; the update's forward pass is off by ~1e-4). Diagnosed so
-# far: the same iteration as two programs (rollouts | scoring + update) on (2, 2, 2)
-# equals one device (test below), so the layouts and the math are right; the fused
-# program goes wrong only when the rollout copy of the weights is resharded over
-# fsdp x tensor while data > 1 (activation rules alone, or any one weight rule alone,
-# pass). It looks like an XLA:CPU SPMD problem with 8 host devices; not yet confirmed
-# on an accelerator. Do not read these as passing.
-MESH_222_DEFECT = pytest.mark.xfail(
-    reason="fused (2, 2, 2) iteration on XLA:CPU differs from one device: open, issue 11",
-    strict=False,
-)
-
-
+# The fused (2, 2, 2) iteration once differed from one device (KL 2.7e-4 at step 1 where
+# policy == reference gives 0) while the same code as two programs matched (apparently the
+# compiler carried the rollout layout back into the parameters the update reads). The fix is the
+# optimization barrier in `step.rollout_params`; the fused (2, 2, 2) cases below fail
+# without it.
 def test_two_program_iteration_on_2x2x2_equals_one_device(results):
     assert_same(results["1x1x1"], results["two_programs_2x2x2"])
 
 
-@pytest.mark.parametrize(
-    "mesh", [pytest.param(m, marks=MESH_222_DEFECT) if m == "2x2x2" else m for m in MESHES]
-)
+@pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_iteration_equals_one_device(results, mesh):
     assert_same(results["1x1x1"], results[mesh])
 
@@ -86,7 +74,6 @@ def test_rollout_parameters_are_tensor_parallel(results):
     assert results["sample_8x1x1"]["q_spec"] == [None, None, None]
 
 
-@MESH_222_DEFECT
 def test_microbatched_update_on_a_mesh_equals_one_batch_on_one_device(results):
     assert_same(results["1x1x1"], results["micro2_2x2x2"])
 
@@ -96,7 +83,6 @@ def test_parameters_are_really_sharded(results):
     assert "fsdp" in results["fsdp_embedding_spec"]
 
 
-@MESH_222_DEFECT
 def test_checkpoint_from_one_mesh_continues_identically_on_another(results):
     # Saved on (1, 8, 1); the next iteration on (2, 2, 2) equals the next on one device.
     assert_same(results["resumed_111"], results["resumed_222"])
