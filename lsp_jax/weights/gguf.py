@@ -287,7 +287,7 @@ def config_from_gguf(file: GGUFFile, **overrides) -> LlamaConfig:
     head_dim = int(meta.get(f"{arch}.attention.key_length", dim // num_heads))
     if int(meta.get(f"{arch}.rope.dimension_count", head_dim)) != head_dim:
         raise UserError(f"{file.path}: partial rotary embeddings are not supported.")
-    tokenizer = _tokenizer_ids(meta)
+    tokenizer = tokenizer_ids(meta)
     fields = dict(
         vocab_size=_vocab_size(file),
         dim=dim,
@@ -321,7 +321,7 @@ def _vocab_size(file: GGUFFile) -> int:
     return rows
 
 
-def _tokenizer_ids(meta: Mapping) -> dict:
+def tokenizer_ids(meta: Mapping) -> dict:
     """bos, stop (eos, eot, eom) and pad ids from the tokenizer metadata."""
     bos = meta.get("tokenizer.ggml.bos_token_id")
     stops = []
