@@ -26,7 +26,8 @@ from tokenizers import Tokenizer as Backend
 
 from lsp_jax.errors import UserError
 from lsp_jax.weights.chat import ChatTemplate
-from lsp_jax.weights.tokenizer import LLAMA3_SPLIT_PATTERN, load_folder_tokenizer
+from lsp_jax.weights.tokenizer import LLAMA3_SPLIT_PATTERN
+from lsp_jax.weights.tokenizer_files import load_folder_tokenizer
 
 SINGLE = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
 MULTI = [

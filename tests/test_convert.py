@@ -14,7 +14,7 @@ from tokenizers import AddedToken, Tokenizer, models
 from lsp_jax import cli
 from lsp_jax.model import Llama, LlamaConfig
 from lsp_jax.weights import hf_state_from_params, save_hf
-from lsp_jax.weights.tokenizer import load_folder_tokenizer
+from lsp_jax.weights.tokenizer_files import load_folder_tokenizer
 
 TEXTS = [
     "Hello world, héllo 😀!",

@@ -16,7 +16,7 @@ from lsp_jax.errors import UserError
 from lsp_jax.model import Llama, LlamaConfig, RopeScaling
 from lsp_jax.weights import hf_state_from_params, load_gguf
 from lsp_jax.weights.gguf import llama3_scaling_from_divisors, unpermute_rope_rows
-from lsp_jax.weights.tokenizer import load_gguf_tokenizer
+from lsp_jax.weights.gguf_tokenizer import load_gguf_tokenizer
 
 
 def llama_cpp_rope_divisors(config, scaling):

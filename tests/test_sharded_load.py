@@ -323,13 +323,15 @@ def record_hf_reads(log):
 
 
 def record_gguf_reads(log):
-    """Wraps lsp_jax.weights.gguf's row reader and dequantizer: logs (rows, col_start,
-    col_stop, bytes dequantized) per call, and whole-tensor reads."""
+    """Wraps the GGUF row reader (as lsp_jax.weights.gguf calls it) and the dequantizer
+    (as the row reader in lsp_jax.weights.gguf_quants calls it): logs (rows, col_start,
+    col_stop, bytes dequantized) per row read, and whole-tensor reads."""
     from lsp_jax.weights import gguf as gguf_lib
+    from lsp_jax.weights import gguf_quants
 
     read_rows, dequantize, read_tensor = (
         gguf_lib.read_rows,
-        gguf_lib.dequantize,
+        gguf_quants.dequantize,
         gguf_lib.GGUFFile.read_tensor,
     )
     nbytes = []
@@ -338,8 +340,8 @@ def record_gguf_reads(log):
         nbytes.append(int(raw.nbytes))
         return dequantize(raw, info, **kwargs)
 
-    def logged_read_rows(file, info, rows, start, stop):
-        values = read_rows(file, info, rows, start, stop)
+    def logged_read_rows(buffer, info, rows, start, stop, **kwargs):
+        values = read_rows(buffer, info, rows, start, stop, **kwargs)
         entry = [[int(r) for r in rows], int(start), int(stop), nbytes.pop()]
         log["gguf"].setdefault(info.name, []).append(entry)
         return values
@@ -348,7 +350,7 @@ def record_gguf_reads(log):
         log["whole"].append(name)
         return read_tensor(self, name)
 
-    gguf_lib.read_rows, gguf_lib.dequantize = logged_read_rows, logged_dequantize
+    gguf_lib.read_rows, gguf_quants.dequantize = logged_read_rows, logged_dequantize
     gguf_lib.GGUFFile.read_tensor = logged_read_tensor
 
 

@@ -11,11 +11,8 @@ from tokenizers import Tokenizer as Backend
 
 from lsp_jax.errors import UserError
 from lsp_jax.weights.gguf import read_gguf
-from lsp_jax.weights.tokenizer import (
-    LLAMA3_SPLIT_PATTERN,
-    load_folder_tokenizer,
-    load_tokenizer_file,
-)
+from lsp_jax.weights.tokenizer import LLAMA3_SPLIT_PATTERN
+from lsp_jax.weights.tokenizer_files import load_folder_tokenizer, load_tokenizer_file
 
 TEXTS = [
     "Hello world",

@@ -215,32 +215,6 @@ def sample_answers(
     return Answers(texts, token_ids, stopped)
 
 
-def generate_answers(
-    config,
-    params,
-    chat,
-    prompts,
-    *,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    temperature: float = DEFAULT_TEMPERATURE,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = 0,
-    progress: bool = False,
-) -> list[str]:
-    """The decoded answers to `prompts` (see `sample_answers`)."""
-    return sample_answers(
-        config,
-        params,
-        chat,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-    ).texts
-
-
 def run_batched(
     forward: Callable, rows: Sequence[Sequence[int]], *, pad: int, batch_size: int, **progress
 ) -> np.ndarray:

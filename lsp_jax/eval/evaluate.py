@@ -24,7 +24,6 @@ from lsp_jax.eval.answers import (
     Answers,
     EvalModel,
     ModelCache,
-    generate_answers,
     sample_answers,
     source_name,
 )
@@ -376,8 +375,10 @@ def evaluate_policy(
     options = dict(
         max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed
     )
-    policy_texts = generate_answers(config, params, chat, prompts, **options)
-    reference_texts = generate_answers(reference_config, reference_params, chat, prompts, **options)
+    policy_texts = sample_answers(config, params, chat, prompts, **options).texts
+    reference_texts = sample_answers(
+        reference_config, reference_params, chat, prompts, **options
+    ).texts
     judgement = judge_pairs(
         reference,
         prompts,

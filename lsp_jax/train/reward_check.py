@@ -19,9 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsp_jax import data
 from lsp_jax.errors import UserError
+from lsp_jax.game import judges
+from lsp_jax.game.splice import content_lengths, splice_segments
+from lsp_jax.game.templates import build_templates
+from lsp_jax.model import vocab_logits
+from lsp_jax.sampling import SampleOutput
 from lsp_jax.train import forward as forward_lib
 from lsp_jax.train import state as state_lib
+from lsp_jax.train import step
+from lsp_jax.train.run import build_run, eval_indices, template_texts
+from lsp_jax.weights import sources
 
 DEGRADATIONS = {
     "other_prompt": "the answer to another prompt",
@@ -120,9 +129,6 @@ def _batch_config(step_cfg, batch: int):
 def policy_answers(run, params, query_rows, *, seed: int):
     """The policy's answer (token ids, stop token excluded) to each query, sampled as the
     Solver samples in training."""
-    from lsp_jax.game.splice import content_lengths
-    from lsp_jax.train import step
-
     cfg = _batch_config(run.step_cfg, BATCH)
     width = cfg.challenger.max_new_tokens
 
@@ -182,9 +188,6 @@ def _jitted_score(cfg, digit_mass: bool):
 
 
 def _score_batch(cfg, frozen, q_BQ, q_len_B, a_BA, a_len_B, key, *, digit_mass):
-    from lsp_jax.sampling import SampleOutput
-    from lsp_jax.train import step
-
     queries = {"tokens": q_BQ, "content_lengths": q_len_B}
     # Only tokens, lengths and the truncation flags are read; truncated rows hold no stop
     # token, so every token counts as content.
@@ -207,9 +210,6 @@ def _score_batch(cfg, frozen, q_BQ, q_len_B, a_BA, a_len_B, key, *, digit_mass):
 def _digit_mass(cfg, frozen, queries, answers):
     """Mean probability the expected judge puts on its score tokens where it reads the
     score (the judge's input as score_answers builds it)."""
-    from lsp_jax.game.splice import splice_segments
-    from lsp_jax.model import vocab_logits
-
     t = frozen.templates
     pair = [
         (queries["tokens"], queries["content_lengths"]),
@@ -248,9 +248,6 @@ class Report:
 def check_prompts(config, count: int) -> list[str]:
     """`count` prompts spread over the config's prompt set (data.prompts), each category
     represented, rounded down to whole batches."""
-    from lsp_jax import data
-    from lsp_jax.train.run import eval_indices
-
     prompts = data.load_prompts(config.data.prompts, data_dir=config.data.tfds_data_dir or None)
     count = min(count, len(prompts))
     count -= count % BATCH if count >= BATCH else 0
@@ -274,9 +271,6 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
       judge_names: named judges to compare (default: the config's judge as it is).
       log: where progress lines go.
     """
-    from lsp_jax.game import judges
-    from lsp_jax.train import run as run_lib
-
     uses_judge = config.game.mode == "lsp" or config.reward.kind == "self_judge"
     if config.reward.kind == "none" and not uses_judge:
         raise UserError(
@@ -292,7 +286,7 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
         )
     for name in judge_names or ():
         judges.get(name)  # Unknown names fail before any model is loaded.
-    run = run or run_lib.build_run(config)
+    run = run or build_run(config)
     tokenizer = run.tokenizer
     max_query = run.step_cfg.challenger.max_new_tokens
     texts = check_prompts(config, num_prompts or config.reward.check_prompts)
@@ -334,10 +328,6 @@ def check(config, run=None, *, num_prompts=None, judge_names=None, log=print) ->
 
 def _with_templates(run, config):
     """The run's frozen inputs with the token templates of `config`'s judge."""
-    from lsp_jax.game.templates import build_templates
-    from lsp_jax.train.run import template_texts
-    from lsp_jax.weights import sources
-
     rm_chat = None
     if run.frozen.rm_params is not None:
         rm_chat = sources.load_chat_template(config.reward.model)

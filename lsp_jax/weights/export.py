@@ -43,7 +43,7 @@ def export_folder(source, out, config, params, *, dtype=None, overwrite=True) ->
 
 
 def _tokenizer_files(source, scratch, config) -> list:
-    from lsp_jax.weights.tokenizer import save_hf_tokenizer_files
+    from lsp_jax.weights.tokenizer_files import save_hf_tokenizer_files
 
     if source.kind == sources.HF:
         return [source.path / n for n in _HF_TOKENIZER_FILES if (source.path / n).is_file()]

@@ -1,9 +1,9 @@
 """GGUF (llama.cpp) files in: metadata, dequantized tensors, a Llama config and params.
 
 The header is parsed here (a few hundred lines of struct reads, 30x faster than
-`gguf.GGUFReader` on a 49k-token vocabulary); tensors are dequantized with
-`gguf.quants.dequantize`. Tensors are renamed to Hugging Face names and layouts, and
-`lsp_jax.weights.hf.params_from_hf_state` builds the params, so the HF-to-Flax mapping
+`gguf.GGUFReader` on a 49k-token vocabulary); tensors are dequantized by
+`lsp_jax.weights.gguf_quants`. Tensors are renamed to Hugging Face names and layouts, and
+`lsp_jax.weights.layout.params_from_hf_state` builds the params, so the HF-to-Flax mapping
 lives in one place.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from lsp_jax.errors import UserError
 from lsp_jax.model.config import LlamaConfig, RopeScaling
+from lsp_jax.weights.gguf_quants import TensorInfo, dequantize, read_rows, tensor_nbytes
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -61,17 +62,6 @@ _GLOBAL_NAMES = {
 }
 # Tensors llama.cpp writes that carry no weights of their own.
 _SKIPPED = ("rope_freqs.weight",)
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: `shape` in numpy order (rows last-but-one), ggml type id."""
-
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: int
-    offset: int
-    nbytes: int
 
 
 @dataclasses.dataclass
@@ -191,81 +181,9 @@ def _parse_header(buffer):
     data_start = -(-cursor.pos // alignment) * alignment
     tensors = {}
     for name, shape, ggml_type, offset in infos:
-        nbytes = _tensor_nbytes(shape, ggml_type)
+        nbytes = tensor_nbytes(shape, ggml_type)
         tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset, nbytes)
     return version, metadata, tensors
-
-
-def _ggml_type_name(ggml_type: int) -> str:
-    import gguf
-
-    try:
-        return gguf.GGMLQuantizationType(ggml_type).name
-    except ValueError:
-        return f"unknown type {ggml_type}"
-
-
-def _tensor_nbytes(shape, ggml_type) -> int:
-    import gguf
-
-    try:
-        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
-    except (ValueError, KeyError):
-        # Unknown types are reported when the tensor is read; size them as empty.
-        return 0
-    return math.prod(shape) // block_size * type_size
-
-
-def _block_layout(info: TensorInfo, path: str) -> tuple[int, int]:
-    """(values per quant block, bytes per block) of a tensor's type; blocks run along
-    the innermost axis, so every row is an independent run of whole blocks."""
-    import gguf
-
-    try:
-        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(info.ggml_type)]
-    except (ValueError, KeyError):
-        raise _unsupported_type(info, path) from None
-    if info.shape[-1] % block_size:
-        raise _unsupported_type(info, path)
-    return block_size, type_size
-
-
-def read_rows(file: GGUFFile, info: TensorInfo, rows, col_start: int, col_stop: int):
-    """Float32 values [len(rows), col_stop - col_start] of the given rows (indices into
-    the tensor viewed as [rows, innermost]) and columns, reading and dequantizing only
-    the quant blocks that hold them."""
-    block_size, type_size = _block_layout(info, file.path)
-    num_rows = math.prod(info.shape[:-1])
-    row_bytes = info.shape[-1] // block_size * type_size
-    data = np.frombuffer(file.buffer, np.uint8, count=info.nbytes, offset=info.offset)
-    first, last = col_start // block_size, -(-col_stop // block_size)
-    raw = data.reshape(num_rows, row_bytes)[np.asarray(rows), first * type_size : last * type_size]
-    part = dataclasses.replace(info, shape=(len(raw), (last - first) * block_size), offset=0)
-    values = dequantize(raw, part, path=file.path)
-    return values[:, col_start - first * block_size : col_stop - first * block_size]
-
-
-def dequantize(raw_bytes: np.ndarray, info: TensorInfo, *, path: str = "") -> np.ndarray:
-    """Float32 values of one tensor from its raw bytes (any type gguf.quants knows)."""
-    import gguf
-
-    block_size, type_size = _block_layout(info, path)
-    ggml_type = gguf.GGMLQuantizationType(info.ggml_type)
-    rows = raw_bytes.reshape(*info.shape[:-1], info.shape[-1] // block_size * type_size)
-    try:
-        values = gguf.quants.dequantize(rows, ggml_type)
-    except NotImplementedError:
-        raise _unsupported_type(info, path) from None
-    return np.asarray(values, np.float32).reshape(info.shape)
-
-
-def _unsupported_type(info: TensorInfo, path: str) -> UserError:
-    return UserError(
-        f"Tensor {info.name!r} in {path} has GGML type {_ggml_type_name(info.ggml_type)}, "
-        f"which lsp_jax cannot dequantize (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, "
-        f"Q8_0, K-quants and the other types of the installed `gguf` package). Convert the "
-        f"model to another type with llama.cpp's llama-quantize, or load its safetensors."
-    )
 
 
 def config_from_gguf(file: GGUFFile, **overrides) -> LlamaConfig:
@@ -287,7 +205,7 @@ def config_from_gguf(file: GGUFFile, **overrides) -> LlamaConfig:
     head_dim = int(meta.get(f"{arch}.attention.key_length", dim // num_heads))
     if int(meta.get(f"{arch}.rope.dimension_count", head_dim)) != head_dim:
         raise UserError(f"{file.path}: partial rotary embeddings are not supported.")
-    tokenizer = _tokenizer_ids(meta)
+    tokenizer = tokenizer_ids(meta)
     fields = dict(
         vocab_size=_vocab_size(file),
         dim=dim,
@@ -321,7 +239,7 @@ def _vocab_size(file: GGUFFile) -> int:
     return rows
 
 
-def _tokenizer_ids(meta: Mapping) -> dict:
+def tokenizer_ids(meta: Mapping) -> dict:
     """bos, stop (eos, eot, eom) and pad ids from the tokenizer metadata."""
     bos = meta.get("tokenizer.ggml.bos_token_id")
     stops = []
@@ -457,7 +375,8 @@ class HFSliceReader:
         if name in self.permuted_heads:
             rows = self._source_rows(info, self.permuted_heads[name])[rows]
         (col_start, col_stop), sizes = bounds[-1], [stop - start for start, stop in bounds]
-        return read_rows(self.file, info, rows, col_start, col_stop).reshape(sizes)
+        values = read_rows(self.file.buffer, info, rows, col_start, col_stop, path=self.file.path)
+        return values.reshape(sizes)
 
     @staticmethod
     def _source_rows(info: TensorInfo, num_heads: int) -> np.ndarray:

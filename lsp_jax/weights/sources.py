@@ -199,13 +199,13 @@ def _run_config(path, *, dtype, param_dtype, scan_layers):
 
 def load_tokenizer(source):
     """The Tokenizer of any model source."""
-    from lsp_jax.weights import tokenizer
+    from lsp_jax.weights import gguf_tokenizer, tokenizer_files
 
     source = resolve(source)
     if source.kind == HF:
-        return tokenizer.load_folder_tokenizer(source.path)
+        return tokenizer_files.load_folder_tokenizer(source.path)
     if source.kind == GGUF:
-        return tokenizer.load_gguf_tokenizer(source.path)
+        return gguf_tokenizer.load_gguf_tokenizer(source.path)
     from lsp_jax.weights.runs import run_model_source
 
     return load_tokenizer(run_model_source(source.path))
