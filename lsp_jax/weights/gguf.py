@@ -21,6 +21,8 @@ from lsp_jax.errors import UserError
 from lsp_jax.model.config import LlamaConfig
 from lsp_jax.weights.gguf_config import config_from_gguf
 from lsp_jax.weights.gguf_quants import TensorInfo, dequantize, read_rows, tensor_nbytes
+from lsp_jax.weights.layout import params_from_hf_state
+from lsp_jax.weights.sharded import flat_positions, index_bounds, params_from_slices
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -243,8 +245,6 @@ class HFSliceReader:
         return self.file.tensors[self.names[hf_name]].shape
 
     def read(self, hf_name: str, index: tuple[slice, ...]) -> np.ndarray:
-        from lsp_jax.weights.sharded import flat_positions, index_bounds
-
         name = self.names[hf_name]
         info = self.file.tensors[name]
         bounds = index_bounds(index, info.shape)
@@ -299,13 +299,9 @@ def load_gguf(path, *, dtype=None, param_dtype=None, scan_layers=False, sharding
     params are global jax.Arrays and this host dequantizes only the rows and blocks its
     devices hold (lsp_jax/weights/sharded.py).
     """
-    from lsp_jax.weights.layout import params_from_hf_state
-
     file = read_gguf(path)
     config = _config(file, dtype, param_dtype, scan_layers)
     if shardings is not None:
-        from lsp_jax.weights.sharded import params_from_slices
-
         reader = HFSliceReader(file, config)
         return config, params_from_slices(config, reader, shardings, source=file.path)
     state = hf_state_from_gguf(file, config)
