@@ -15,7 +15,8 @@ from gguf_files import byte_level_tokens, llama_cpp_permute, write_llama_gguf
 from lsp_jax.errors import UserError
 from lsp_jax.model import Llama, LlamaConfig, RopeScaling
 from lsp_jax.weights import hf_state_from_params, load_gguf
-from lsp_jax.weights.gguf import llama3_scaling_from_divisors, unpermute_rope_rows
+from lsp_jax.weights.gguf import unpermute_rope_rows
+from lsp_jax.weights.gguf_config import llama3_scaling_from_divisors
 from lsp_jax.weights.gguf_tokenizer import load_gguf_tokenizer
 
 

@@ -9,7 +9,7 @@ from lsp_jax.errors import UserError
 from lsp_jax.game import judges
 from lsp_jax.game.templates import TemplateTexts, build_templates
 from lsp_jax.train import config as config_lib
-from lsp_jax.train import loop, reward_check
+from lsp_jax.train import loop, reward_check, reward_check_report
 from lsp_jax.train import run as run_lib
 from lsp_jax.weights import sources
 from tests import constructed_rewards as constructed
@@ -98,7 +98,7 @@ def test_a_reward_built_to_prefer_longer_answers_separates_cut_and_empty_ones():
     assert reward.auc("empty") == 1.0 and reward.auc("cut") >= reward_check.SIGNAL_AUC
     assert 0.25 < reward.auc("other_prompt") < 0.75
     assert reward.verdict == "partial"
-    text = reward_check.format_report(report)
+    text = reward_check_report.format_report(report)
     assert "| R (reward model) | " in text and "verdict R (reward model): partial" in text
 
 

@@ -50,12 +50,12 @@ def add_arguments(parser):
 def run(args) -> int:
     from lsp_jax.errors import UserError
     from lsp_jax.train import config as config_lib
-    from lsp_jax.train import reward_check
+    from lsp_jax.train import reward_check, reward_check_report
 
     config = config_lib.config_from_command_line(args.config, args.overrides, "reward-check")
     names = [n.strip() for n in args.judges.split(",") if n.strip()] if args.judges else None
     if args.num_prompts is not None and args.num_prompts < 2:
         raise UserError(f"--num-prompts {args.num_prompts}: at least 2 prompts are needed.")
     report = reward_check.check(config, num_prompts=args.num_prompts, judge_names=names)
-    print(reward_check.format_report(report, seed=config.train.seed))
+    print(reward_check_report.format_report(report, seed=config.train.seed))
     return 1 if report.at_chance else 0

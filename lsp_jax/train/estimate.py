@@ -33,7 +33,8 @@ def architecture(source, preset, *, num_labels=0, **overrides) -> LlamaConfig:
             hf = json.loads((Path(resolved.path) / "config.json").read_text())
             return LlamaConfig.from_hf_config(hf, **overrides)
         if resolved.kind == sources.GGUF:
-            from lsp_jax.weights.gguf import config_from_gguf, read_gguf
+            from lsp_jax.weights.gguf import read_gguf
+            from lsp_jax.weights.gguf_config import config_from_gguf
 
             return config_from_gguf(read_gguf(resolved.path), **overrides)
         return sources.load_model(source, **overrides)[0]

@@ -17,7 +17,7 @@ from lsp_jax.model import lora
 from lsp_jax.runtime import checkpoint, paths, sharding
 from lsp_jax.runtime import metrics as metrics_lib
 from lsp_jax.train import lock as lock_lib
-from lsp_jax.train import phases, preemption
+from lsp_jax.train import phases, preemption, reward_check_report
 from lsp_jax.train import placement as placement_lib
 from lsp_jax.train.optim import consecutive_skips
 from lsp_jax.train.run import Run, build_run, eval_prompts, lora_info, make_mesh, mesh_rules
@@ -160,9 +160,7 @@ def _train_locked(config, workdir, mesh, lead, stop, log):
     background = save_in_background(t.get("save_in_background"))
     manager = checkpoint.checkpoint_manager(workdir, keep=t.keep_checkpoints, background=background)
     if config.reward.check_before_train and manager.latest_step() is None:
-        from lsp_jax.train import reward_check
-
-        reward_check.before_train(config, run, log)
+        reward_check_report.before_train(config, run, log)
     state = placement_lib.place_state(run.params, run.optimizer, t.seed, placement)
     run.params = None  # Host copy no longer needed.
     if manager.latest_step() is not None:

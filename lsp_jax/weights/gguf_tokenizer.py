@@ -2,7 +2,8 @@
 library."""
 
 from lsp_jax.errors import UserError
-from lsp_jax.weights.gguf import GGUFFile, read_gguf, tokenizer_ids
+from lsp_jax.weights.gguf import GGUFFile, read_gguf
+from lsp_jax.weights.gguf_config import tokenizer_ids
 from lsp_jax.weights.tokenizer import LLAMA3_SPLIT_PATTERN, HFTokenizer, SpecialIds
 
 # GGUF `tokenizer.ggml.pre` values whose split is Llama-3's.
