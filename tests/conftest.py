@@ -30,3 +30,25 @@ _CACHE = os.environ.get(
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# The files whose tests take minutes (compiles of whole iterations, subprocess runs). Under
+# pytest-xdist (.ci/test: one worker per core, a file per worker) they are handed out
+# first, so the short files fill the gaps instead of one long file running alone at the end.
+HEAVY_FIRST = (
+    "test_sharding.py",
+    "test_preemption.py",
+    "test_train.py",
+    "test_lora.py",
+    "test_learning.py",
+    "test_sharded_load.py",
+    "test_wheel.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    items.sort(key=rank)  # Stable: each file keeps its own order.
