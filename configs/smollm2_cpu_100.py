@@ -22,6 +22,7 @@ def _base():
 
 def get_config(arg=None):
     c = _base()
+    c.model.lora.rank = 0  # Full fine-tuning, as the documented run was made (5-6 GB of RAM).
     c.game.num_queries = 4
     c.game.answers_per_query = 4
     c.game.max_query_tokens = 32

@@ -265,13 +265,15 @@ def test_export_is_atomic(untied, tmp_path, monkeypatch):
     config, params = load_hf(folder)
     calls = []
 
-    def failing_save(*args, **kwargs):
-        calls.append(args[1])
+    write = hf_module._write_safetensors
+
+    def failing_write(path, exports):
+        calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt  # As if interrupted while writing the second shard.
-        return save_file(*args, **kwargs)
+        return write(path, exports)
 
-    monkeypatch.setattr(hf_module, "save_file", failing_save)
+    monkeypatch.setattr(hf_module, "_write_safetensors", failing_write)
     with pytest.raises(KeyboardInterrupt):
         save_hf(tmp_path / "out", config, params, max_shard_bytes=100_000)
     assert len(calls) == 2
@@ -369,3 +371,26 @@ def test_stop_tokens_merge_generation_config(tied, tmp_path):
     assert config.eos_token_ids == (2, 7) and config.pad_token_id == 5
     out = save_hf(tmp_path / "out", config, load_hf(folder)[1])
     assert json.loads((out / "generation_config.json").read_text()) == generation
+
+
+def test_streamed_safetensors_file_reads_back_with_safetensors(tmp_path):
+    # The export writes safetensors files a tensor at a time (hf._write_safetensors);
+    # safetensors' own reader must see the same names, dtypes, shapes and values.
+    import ml_dtypes
+    from safetensors.numpy import load_file
+
+    from lsp_jax.weights.layout import HfExport
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "a.weight": rng.normal(size=(3, 5)).astype(np.float32),
+        "b.weight": rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
+        "c.weight": rng.normal(size=(2, 3, 1)).astype(np.float16),
+    }
+    exports = [HfExport(k, v.shape, v.dtype, lambda v=v: v) for k, v in arrays.items()]
+    hf_module._write_safetensors(tmp_path / "x.safetensors", exports)
+    back = load_file(tmp_path / "x.safetensors")
+    assert sorted(back) == sorted(arrays)
+    for name, value in arrays.items():
+        assert back[name].dtype == value.dtype and back[name].shape == value.shape
+        np.testing.assert_array_equal(back[name], value)
