@@ -149,3 +149,13 @@ def test_train_checks_the_reward_first_when_asked(tmp_path, monkeypatch):
     text = "\n".join(lines)
     assert "Reward check on 8 prompts" in text and "verdict R (reward model)" in text
     assert ("WARNING: the reward" in text) == ("AT CHANCE" in text)
+
+
+def test_fewer_prompts_than_a_batch_are_checked_as_one_smaller_batch():
+    # --num-prompts 4 (< reward_check.BATCH) once failed with a reshape error: the batch
+    # of 4 prompts went into programs built for 8 rows.
+    config = tiny_config()
+    run = run_lib.build_run(config)
+    report = reward_check.check(config, run, num_prompts=4, log=lambda *_: None)
+    ((_, _, results),) = report.judges
+    assert all(0.0 <= r.auc("empty") <= 1.0 for r in results)

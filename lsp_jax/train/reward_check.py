@@ -130,7 +130,8 @@ def _batch_config(step_cfg, batch: int):
 def policy_answers(run, params, query_rows, *, seed: int):
     """The policy's answer (token ids, stop token excluded) to each query, sampled as the
     Solver samples in training."""
-    cfg = _batch_config(run.step_cfg, BATCH)
+    batch = min(BATCH, len(query_rows))  # Fewer prompts than a batch: one smaller batch.
+    cfg = _batch_config(run.step_cfg, batch)
     width = cfg.challenger.max_new_tokens
 
     @jax.jit
@@ -142,8 +143,8 @@ def policy_answers(run, params, query_rows, *, seed: int):
 
     answers = []
     key = jax.random.key(seed)
-    for start in range(0, len(query_rows), BATCH):
-        tokens, lengths = _right_padded(query_rows[start : start + BATCH], width, cfg.pad_id)
+    for start in range(0, len(query_rows), batch):
+        tokens, lengths = _right_padded(query_rows[start : start + batch], width, cfg.pad_id)
         out, out_lengths = jax.device_get(
             answer(params, run.frozen, tokens, lengths, jax.random.fold_in(key, start))
         )
@@ -157,15 +158,16 @@ def score_pairs(run, frozen, query_rows, answer_rows, *, seed: int, digit_mass=T
     the probability of the score tokens where the score is read) and 'parse_rate'
     (sampled judge: judgements with a readable score); `digit_mass=False` skips the
     extra judge forward pass that measures it."""
-    cfg = _batch_config(run.step_cfg, BATCH)
+    batch = min(BATCH, len(query_rows))  # check_prompts: whole batches, or fewer prompts.
+    cfg = _batch_config(run.step_cfg, batch)
     score = _jitted_score(cfg, digit_mass)
     rewards, qualities, mass, parse = [], [], [], []
-    for start in range(0, len(query_rows), BATCH):
+    for start in range(0, len(query_rows), batch):
         q, q_len = _right_padded(
-            query_rows[start : start + BATCH], cfg.challenger.max_new_tokens, cfg.pad_id
+            query_rows[start : start + batch], cfg.challenger.max_new_tokens, cfg.pad_id
         )
         a, a_len = _right_padded(
-            answer_rows[start : start + BATCH], cfg.solver.max_new_tokens, cfg.pad_id
+            answer_rows[start : start + batch], cfg.solver.max_new_tokens, cfg.pad_id
         )
         key = jax.random.fold_in(jax.random.key(seed), start)
         reward, quality, metrics = jax.device_get(score(frozen, q, q_len, a, a_len, key))
