@@ -73,7 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
         truncated_reward="group_min",
     )
     # decode_buckets: the decode loop attends to a growing prefix of the cache in this
-    # many stages (cheaper attention, one more compiled loop body per stage).
+    # many stages (cheaper attention, one more compiled loop body per stage; the TPU
+    # configs use 1, see configs/lsp_llama3_2_3b.py).
     c.sampling = dict(temperature=1.0, top_p=1.0, top_k=0, decode_buckets=4)
     c.loss = dict(beta=0.05, kl_estimator="k3", aggregation="sequence_sum", logprob_chunk=0)
     c.optim = dict(
