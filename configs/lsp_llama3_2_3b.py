@@ -43,10 +43,11 @@ def get_config(arg=None):
     c.loss.kl_estimator = "k3"
     c.loss.aggregation = "sequence_sum"
     c.loss.logprob_chunk = 128  # Never materialize [B, T, 128256] logits.
-    # One decode loop per rollout. Compiled for v5e:2x4 (`lsp-jax aot`), 4 buckets cost
-    # 887 s of compile CPU and an estimated 4.39 s per iteration; 1 bucket 590 s and
-    # 4.19 s (the bucketed attention's cache slices cost more HBM traffic than the
-    # shorter reads save at these lengths), the same peak HBM.
+    # One decode loop per rollout. Compiled for v5e:2x4 (`lsp-jax aot`, idle 2-core
+    # machine), 4 buckets took 435 s (804 s of CPU) and gave an estimated 4.39 s per
+    # iteration; 1 bucket 314 s (590 s of CPU) and 4.19 s (the bucketed attention's cache
+    # slices cost more HBM traffic than the shorter reads save at these lengths), with
+    # the same peak HBM.
     c.sampling.decode_buckets = 1
     c.optim.lr = 1e-6 if mode == "grpo" else 3e-6
     if mode == "grpo":
