@@ -45,7 +45,11 @@ JUDGED = range(164, 196)
 UNTRAINED_RATE = 32 / 512
 # Fast, unoptimised XLA code: these programs run for seconds, their compile would take
 # most of a test's time at the default level.
-QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+QUICK_COMPILE = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+    "xla_cpu_use_fusion_emitters": False,
+}
 
 
 def token_weights(rewarded=(), penalised=(), vocab=512):
