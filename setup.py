@@ -50,7 +50,7 @@ WANDB_REQUIRES = ["wandb>=0.18"]
 
 TEST_REQUIRES = [
     "pytest>=8",
-    "pytest-xdist>=3.5",  # .ci/test runs the suite on two workers (one per core).
+    "pytest-xdist>=3.8",  # .ci/test: two workers (one per core), --no-loadscope-reorder.
     "ruff>=0.6",
     "torch==2.13.0",
     "transformers>=4.46",
