@@ -73,11 +73,15 @@ def test_console_script_of_the_installed_wheel_trains(wheel, tmp_path):
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
         + ["--ignore-installed", str(wheel)]
     )
+    # A PYTHONPATH naming the checkout (as in `PYTHONPATH=. pytest`) would shadow the wheel.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = _run(  # Not from the checkout: `python -c` puts the working directory first.
-        [str(python), "-c", "import lsp_jax.train.loop as m; print(m.__file__)"], cwd=tmp_path
+        [str(python), "-c", "import lsp_jax.train.loop as m; print(m.__file__)"],
+        cwd=tmp_path,
+        env=env,
     )
     assert where.stdout.strip().startswith(str(site)), where.stdout
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["JAX_PLATFORMS"] = "cpu"
     env["LSP_JAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or "0"
     workdir = tmp_path / "run"
     train = [str(venv / "bin" / "lsp-jax"), "train", "--config", TINY, "--workdir", str(workdir)]
